@@ -1,0 +1,383 @@
+"""vlm.py against the reference implementation (transformers' Qwen3-VL) and against itself.
+
+The reference is an oracle for tests only: every test that needs it skips when transformers is not
+installed, and CI installs it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlm
+
+IMG, VID, VS, VE = 290, 291, 292, 293  # token ids of the transformers-written tiny checkpoints
+
+
+def ref_config(tie=False, kv_heads=2, deepstack=(0,), depth=3, layers=3):
+    from transformers import Qwen3VLConfig
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, rope_parameters=rope),
+        vision_config=dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                           out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=list(deepstack)),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+        tie_word_embeddings=tie)
+
+
+def make_reference(folder, **kw):
+    """A random transformers Qwen3-VL written with save_pretrained; large init so errors would show."""
+    pytest.importorskip("transformers")
+    from transformers import Qwen3VLForConditionalGeneration
+    torch.manual_seed(0)
+    ref = Qwen3VLForConditionalGeneration(ref_config(**kw)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    ref.save_pretrained(folder)
+    return ref
+
+
+CONFIGS = {  # (tied embeddings, GQA ratio, DeepStack layers) covered across the cases
+    "tied-mha-1ds": dict(tie=True, kv_heads=4, deepstack=(1,)),
+    "untied-gqa2-3ds": dict(tie=False, kv_heads=2, deepstack=(0, 1, 2)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(request.param))
+    ref = make_reference(folder, **CONFIGS[request.param])
+    return ref, vlm.load_model(folder)
+
+
+def vision_seq(groups, text_between=(7, 8), video=False):
+    """Token ids for vision groups [(t,h,w)...] wrapped in vision start/end with text around them."""
+    seq = [5, 6]
+    for g in groups:
+        n = int(np.prod(g)) // 4 if not video else g[1] * g[2] // 4
+        reps = g[0] if video else 1
+        for _ in range(reps):
+            seq += [11, 12] if video else []  # stands in for the "<t seconds>" text before each frame pair
+            seq += [VS] + [VID if video else IMG] * n + [VE]
+        seq += list(text_between)
+    return torch.tensor([seq + [9, 10, 3]])
+
+
+def compare(ref, ours, ids, rows=None, grid=None, video=False):
+    tt = ((ids == IMG).int() + 2 * (ids == VID).int())
+    kw = {}
+    if rows is not None:
+        kw = {"pixel_values_videos": rows, "video_grid_thw": grid} if video else {"pixel_values": rows, "image_grid_thw": grid}
+    with torch.no_grad():
+        a = ref(input_ids=ids, mm_token_type_ids=tt, **kw).logits
+        if video:  # ours: one (1, h, w) group per frame pair, in order
+            grid = torch.repeat_interleave(grid, grid[:, 0], dim=0)
+            grid[:, 0] = 1
+        pos = vlm.rope_positions(ids[0], grid, ours.cfg)[:, None]
+        b = ours(ids, rows, grid, pos)
+    return (a - b).abs().max().item()
+
+
+def test_text_only_logits_match_transformers(pair):
+    ref, ours = pair
+    ids = torch.randint(0, 280, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ref(input_ids=ids).logits - ours(ids)).abs().max().item()
+    assert diff <= 1e-4, f"text-only max-abs-diff {diff:.2e}"
+
+
+def test_one_odd_sized_image_logits_match_transformers(pair):
+    ref, ours = pair
+    grid = torch.tensor([[1, 6, 10]])  # 48x80 pixels after resize: not square, not a power of two
+    rows = torch.randn(60, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(2))
+    diff = compare(ref, ours, vision_seq(grid.tolist()), rows, grid)
+    assert diff <= 1e-4, f"one-image max-abs-diff {diff:.2e}"
+
+
+def test_two_images_logits_match_transformers(pair):
+    ref, ours = pair
+    grid = torch.tensor([[1, 6, 10], [1, 4, 2]])
+    rows = torch.randn(68, 384, generator=torch.Generator().manual_seed(3))
+    diff = compare(ref, ours, vision_seq(grid.tolist()), rows, grid)
+    assert diff <= 1e-4, f"two-image max-abs-diff {diff:.2e}"
+
+
+def test_video_logits_match_transformers(pair):
+    ref, ours = pair
+    grid = torch.tensor([[3, 4, 6]])  # three frame pairs of 4x6 patches
+    rows = torch.randn(72, 384, generator=torch.Generator().manual_seed(4))
+    diff = compare(ref, ours, vision_seq(grid.tolist(), video=True), rows, grid, video=True)
+    assert diff <= 1e-4, f"video max-abs-diff {diff:.2e}"
+
+
+def test_position_ids_equal_transformers_rope_index(pair):
+    ref, ours = pair
+    grid = torch.tensor([[1, 6, 10], [1, 4, 2]])
+    ids = vision_seq(grid.tolist())
+    tt = (ids == IMG).int()
+    want, _ = ref.model.get_rope_index(ids, tt, image_grid_thw=grid)
+    got = vlm.rope_positions(ids[0], grid, ours.cfg)
+    assert torch.equal(want[:, 0], got)
+
+
+# --- processor ---------------------------------------------------------------------------------
+
+
+def reference_image_processor(patch, min_pixels, max_pixels):
+    tr = pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def random_image(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny"))
+    vlm.write_tiny_checkpoint(folder, min_pixels=32 * 32, max_pixels=96 * 96)
+    return folder
+
+
+@pytest.mark.parametrize("w,h", [(37, 53), (100, 61), (250, 31), (64, 64)])
+def test_image_rows_and_grid_match_reference_processor(tiny, w, h):
+    ref = reference_image_processor(8, 32 * 32, 96 * 96)
+    img = random_image(w, h, seed=w * h)
+    want = ref(images=[img], return_tensors="np")
+    rows, grid = vlm.Processor(tiny).image(img)
+    assert list(want["image_grid_thw"][0]) == list(grid)
+    diff = np.abs(want["pixel_values"] - rows.numpy()).max()
+    assert diff <= 1e-5, f"{w}x{h}: pixel rows differ by {diff:.2e}"
+
+
+def test_qwen3vl_sized_patches_match_reference_processor(tmp_path):
+    vlm.write_tiny_checkpoint(str(tmp_path), v_patch_size=16, min_pixels=65536, max_pixels=16777216 // 64)
+    img = random_image(333, 517, seed=5)
+    want = reference_image_processor(16, 65536, 16777216 // 64)(images=[img], return_tensors="np")
+    rows, grid = vlm.Processor(str(tmp_path)).image(img)
+    assert list(want["image_grid_thw"][0]) == list(grid)
+    assert np.abs(want["pixel_values"] - rows.numpy()).max() <= 1e-5
+
+
+def test_video_rows_equal_image_path_on_paired_frames(tiny):
+    frames = [random_image(40, 72, seed=i) for i in range(6)]
+    proc = vlm.Processor(tiny)
+    groups = proc.video(frames, video_fps=2.0)
+    assert len(groups) == 3
+    h, w = vlm.video_smart_resize(6, 72, 40, 16, proc.video_min_pixels, proc.video_max_pixels)
+    for g, (rows, grid, _) in enumerate(groups):
+        want, want_grid = proc._rows(frames[2 * g:2 * g + 2], h, w)
+        assert grid == want_grid == (1, h // 8, w // 8)
+        assert torch.equal(rows, want)
+    # an image is the same frame twice: its rows are one video group of two equal frames
+    img_rows, _ = proc._rows([frames[0]], h, w)
+    assert torch.equal(img_rows, proc._rows([frames[0], frames[0]], h, w)[0])
+
+
+def test_frame_sampling_and_timestamps_follow_reference_rules():
+    pytest.importorskip("transformers")
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    for total, fps in [(300, 30.0), (7, 2.0), (1000, 24.0), (3, 10.0)]:
+        idx = vlm.sample_frame_indices(total, fps)
+        n = min(max(int(total / fps * 2), 4), 768, total)  # the documented rule, restated
+        assert len(idx) == n and idx[0] == 0 and idx[-1] == total - 1
+        want = Qwen3VLProcessor._calculate_timestamps(None, list(idx), fps, 2)
+        assert np.allclose(vlm.frame_pair_timestamps(idx, fps), want)
+
+
+def test_video_prompt_has_timestamp_text_and_pad_counts(tiny):
+    proc = vlm.Processor(tiny)
+    frames = [random_image(64, 64, seed=i) for i in range(4)]
+    batch = proc.chat(videos=[frames], text="what happens?")
+    text = proc.tokenizer.decode(batch.input_ids[0].tolist(), skip_special=False)
+    assert "<0.2 seconds><|vision_start|>" in text and "<1.2 seconds><|vision_start|>" in text, text[:200]
+    per_group = int(batch.grid_thw[0, 1] * batch.grid_thw[0, 2]) // 4
+    assert int((batch.input_ids == proc.cfg.video_token_id).sum()) == 2 * per_group
+    assert batch.pixel_values.shape[0] == 2 * 4 * per_group  # two groups, four patches per token
+
+
+def test_chat_ids_equal_tokenizing_the_whole_template_string(tiny):
+    proc = vlm.Processor(tiny)
+    img = random_image(50, 70, 1)
+    batch = proc.chat(images=[img, img], text="What color is the circle?")
+    n = int(batch.grid_thw[0].prod()) // 4
+    vis = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+    s = f"<|im_start|>user\n{vis}{vis}What color is the circle?<|im_end|>\n<|im_start|>assistant\n"
+    assert batch.input_ids[0].tolist() == proc.tokenizer.tok.encode(s, add_special_tokens=False).ids
+
+
+# --- tiny checkpoints ---------------------------------------------------------------------------
+
+
+def test_tiny_checkpoint_loads_in_transformers_with_equal_logits(tiny):
+    pytest.importorskip("transformers")
+    from transformers import Qwen3VLForConditionalGeneration
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(tiny).eval()
+    ours = vlm.load_model(tiny)
+    proc = vlm.Processor(tiny)
+    b = proc.chat(images=[random_image(45, 77, 2)], text="Describe the image.")
+    tt = (b.input_ids == proc.cfg.image_token_id).int()
+    with torch.no_grad():
+        a = ref(input_ids=b.input_ids, pixel_values=b.pixel_values, image_grid_thw=b.grid_thw, mm_token_type_ids=tt).logits
+        diff = (a - ours(b.input_ids, b.pixel_values, b.grid_thw, b.position_ids)).abs().max().item()
+    assert diff <= 1e-5, f"max-abs-diff {diff:.2e}"
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    vlm.write_tiny_checkpoint(str(tmp_path / "one"))
+    vlm.write_tiny_checkpoint(str(tmp_path / "many"), shard_bytes=40_000)
+    assert os.path.isfile(tmp_path / "many" / "model.safetensors.index.json")
+    a, b = vlm.load_model(str(tmp_path / "one")), vlm.load_model(str(tmp_path / "many"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_loader_assigns_requested_dtype_without_fp32_copies(tiny):
+    m = vlm.load_model(tiny, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in m.parameters())
+
+
+# --- loader errors name the culprit -------------------------------------------------------------
+
+
+def rewrite_tensors(folder, edit):
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(folder, "model.safetensors")
+    sd = load_file(path)
+    edit(sd)
+    save_file(sd, path)
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed_in_one_error(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder)
+
+    def edit(sd):
+        del sd["model.language_model.layers.0.mlp.up_proj.weight"]
+        sd["model.language_model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+        sd["model.visual.pos_embed.weight"] = torch.zeros(3, 3)
+    rewrite_tensors(folder, edit)
+    with pytest.raises(ValueError) as e:
+        vlm.load_model(folder)
+    msg = str(e.value)
+    assert "missing: model.language_model.layers.0.mlp.up_proj.weight" in msg
+    assert "unexpected: model.language_model.layers.0.mlp.extra.weight" in msg
+    assert "shape mismatch: model.visual.pos_embed.weight is (3, 3)" in msg
+
+
+def test_truncated_safetensors_file_gives_clear_error(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder)
+    path = os.path.join(folder, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot read safetensors file .*truncated or corrupt"):
+        vlm.load_model(folder)
+
+
+def test_garbage_header_gives_clear_error(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder)
+    open(os.path.join(folder, "model.safetensors"), "wb").write(b"\xff" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: cannot read"):
+        vlm.load_model(folder)
+
+
+def test_missing_shard_file_is_named(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder, shard_bytes=40_000)
+    os.remove(os.path.join(folder, next(n for n in os.listdir(folder) if n.startswith("model-00002-of-"))))
+    with pytest.raises(ValueError, match="missing shard file: .*model-00002-of-"):
+        vlm.load_model(folder)
+
+
+def test_other_model_type_is_refused_naming_what_is_supported(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["model_type"] = "qwen2_5_vl"
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ValueError, match="model_type is 'qwen2_5_vl'; mrrm supports only 'qwen3_vl'"):
+        vlm.load_model(folder)
+
+
+def test_missing_folder_and_config_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: not found"):
+        vlm.load_model(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    json.dump(vlm.Config().to_dict(), open(tmp_path / "empty" / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        vlm.load_model(str(tmp_path / "empty"))
+
+
+def test_config_reads_rope_scaling_and_rope_parameters_alike():
+    d = vlm.Config().to_dict()
+    a = vlm.Config.from_dict(d)
+    d["text_config"]["rope_scaling"] = d["text_config"].pop("rope_parameters")
+    b = vlm.Config.from_dict(d)
+    assert a == b == vlm.Config()  # defaults are Qwen3-VL-4B, and they round-trip
+
+
+# --- generation --------------------------------------------------------------------------------
+
+
+def uncached_greedy(model, batch, steps):
+    ids, pos = batch.input_ids, batch.position_ids
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, batch.pixel_values, batch.grid_thw, pos)
+        tok = logits[0, -1].argmax()
+        out.append(int(tok))
+        ids = torch.cat([ids, tok.view(1, 1)], 1)
+        pos = torch.cat([pos, (pos.max() + 1).view(1, 1, 1).expand(3, 1, 1)], 2)
+    return out
+
+
+def test_cached_greedy_decoding_equals_uncached(tiny):
+    model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
+    batch = proc.chat(images=[random_image(40, 60, 3)], text="What color is it?")
+    got = vlm.generate(model, batch, max_new_tokens=12)["tokens"][0]
+    assert got == uncached_greedy(model, batch, 12)
+
+
+def test_each_of_g_samples_sees_logits_of_its_own_prefix(tiny):
+    model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
+    batch = proc.chat(images=[random_image(40, 60, 4)], text="Describe the image.")
+    g = torch.Generator().manual_seed(0)
+    out = vlm.generate(model, batch, max_new_tokens=6, n=4, temperature=1.5, top_k=50, generator=g, return_logits=True)
+    assert len({tuple(t) for t in out["tokens"]}) > 1, "samples should differ at temperature 1.5"
+    for i, toks in enumerate(out["tokens"]):
+        ids = torch.cat([batch.input_ids, torch.tensor([toks])], 1)
+        T0 = batch.input_ids.shape[1]
+        pos = torch.cat([batch.position_ids, (batch.position_ids.max() + 1 + torch.arange(len(toks))).view(1, 1, -1).expand(3, 1, -1)], 2)
+        with torch.no_grad():
+            full = model(ids, batch.pixel_values, batch.grid_thw, pos)[0, T0 - 1:T0 - 1 + len(toks)]
+        diff = (full - out["logits"][i, :len(toks)]).abs().max().item()
+        assert diff <= 1e-4, f"sample {i}: cached vs uncached logits differ by {diff:.2e}"
+
+
+def test_generation_stops_at_stop_token_and_flags_length_limit(tiny):
+    model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
+    batch = proc.chat(text="hello")
+    first = vlm.generate(model, batch, max_new_tokens=3)["tokens"][0]
+    stopped = vlm.generate(model, batch, max_new_tokens=10, stop_ids=[first[0]])
+    assert stopped["tokens"][0] == first[:1] and stopped["finished"] == [True]
+    capped = vlm.generate(model, batch, max_new_tokens=3, stop_ids=[10**6])
+    assert len(capped["tokens"][0]) == 3 and capped["finished"] == [False]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(vlm.sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {int(vlm.sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
+    assert seen == {0, 1, 2}

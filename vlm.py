@@ -1,0 +1,980 @@
+"""
+vlm.py: a hand-written Qwen3-VL (2B/4B/8B dense) that loads Hub checkpoints as downloaded.
+
+What is here, top to bottom:
+  - Config: dataclasses read from a checkpoint folder's config.json (defaults = Qwen3-VL-4B).
+  - The vision tower (patch embed, interpolated learned positions, 2D rotary, per-image attention,
+    2x2 merger, DeepStack mergers) and the Qwen3 decoder (RMSNorm, q/k-norm, GQA, SwiGLU,
+    interleaved M-RoPE, DeepStack injection). Module names equal the checkpoint's tensor names.
+  - attention_mask(): the ONE function that builds every boolean attention mask in mrrm
+    (causal, padding, cached decoding, and the reward model's independent-response blocks).
+  - A strict safetensors loader (single file or sharded) that builds the model on the meta device
+    and assigns tensors in the requested dtype, so a bf16 4B model never exists in fp32.
+  - Processor: images (Pillow + numpy) and videos (frames, folder, GIF) into pixel rows + grids,
+    a hand-written Qwen3-VL chat format, and 3D (t, h, w) position ids.
+  - A KV cache and generation: greedy / temperature / top-k / top-p, G samples from one prefill.
+  - write_tiny_checkpoint(): a random Qwen3-VL of any small size in the real Hub layout, with a
+    small byte-level BPE tokenizer holding the Qwen special tokens, so everything runs on a CPU.
+
+Usage:
+    model = load_model("path/to/Qwen3-VL-4B-Instruct", dtype=torch.bfloat16, device="cuda")
+    proc = Processor.from_folder("path/to/Qwen3-VL-4B-Instruct")
+    batch = proc.chat(images=[Image.open("x.png")], text="What is in the image?")
+    out = generate(model, batch, max_new_tokens=64, stop_ids=proc.stop_ids)
+
+What it leaves out: MoE variants (Qwen3-VL-30B-A3B/235B), flash-attention varlen kernels, sliding
+windows, beam search, mp4 decoding without PyAV (give frames instead), and tensor parallelism.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 24
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 2560  # = the text model's hidden size
+    num_position_embeddings: int = 2304  # a 48x48 learned table, interpolated to each image's grid
+    deepstack_visual_indexes: tuple = (5, 11, 17)  # vision blocks whose outputs feed LLM layers 0,1,2
+    rope_theta: float = 10000.0
+    hidden_act: str = "gelu_pytorch_tanh"
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple = (24, 20, 20)  # frequencies given to (t, h, w); sums to head_dim / 2
+    mrope_interleaved: bool = True
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 262144
+
+
+@dataclass
+class Config:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_dict(cls, d, where="config.json"):
+        if d.get("model_type") != "qwen3_vl":
+            raise ValueError(f"{where}: model_type is {d.get('model_type')!r}; mrrm supports only 'qwen3_vl' "
+                             "(the dense Qwen3-VL 2B/4B/8B checkpoints)")
+        td, vd = dict(d.get("text_config") or {}), dict(d.get("vision_config") or {})
+        # RoPE settings live under rope_scaling (older writers) or rope_parameters (transformers >= 5)
+        rope = td.get("rope_parameters") or td.get("rope_scaling") or {}
+        if "rope_theta" in rope:
+            td["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            td["mrope_section"] = tuple(rope["mrope_section"])
+        if rope.get("mrope_interleaved") is False:
+            raise ValueError(f"{where}: mrope_interleaved=false is the Qwen2.5-VL layout; Qwen3-VL interleaves")
+        vrope = vd.get("rope_parameters") or {}
+        if "rope_theta" in vrope:
+            vd["rope_theta"] = vrope["rope_theta"]
+        if "deepstack_visual_indexes" in vd:
+            vd["deepstack_visual_indexes"] = tuple(vd["deepstack_visual_indexes"])
+        if td.get("num_key_value_heads") is None:
+            td["num_key_value_heads"] = td.get("num_attention_heads", TextConfig.num_attention_heads)
+        if td.get("head_dim") is None:
+            td["head_dim"] = td["hidden_size"] // td["num_attention_heads"]
+        pick = lambda dc, src: {f.name: src[f.name] for f in fields(dc) if f.name in src}
+        top = pick(cls, d)
+        top.pop("text", None), top.pop("vision", None)
+        tie = d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))
+        top["tie_word_embeddings"] = bool(tie)
+        return cls(text=TextConfig(**pick(TextConfig, td)), vision=VisionConfig(**pick(VisionConfig, vd)), **top)
+
+    @classmethod
+    def from_folder(cls, folder):
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: not found; expected a Qwen3-VL checkpoint folder as downloaded from the Hub")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, where=path)
+
+    def to_dict(self):
+        """config.json in the Hub layout (readable by transformers and by from_dict)."""
+        t, v = self.text, self.vision
+        text = {k: getattr(t, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                           "attention_bias", "hidden_act", "max_position_embeddings")}
+        text.update(model_type="qwen3_vl_text", tie_word_embeddings=self.tie_word_embeddings,
+                    rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                                     "mrope_section": list(t.mrope_section), "mrope_interleaved": True})
+        vision = {k: getattr(v, k) for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
+                                             "patch_size", "spatial_merge_size", "temporal_patch_size",
+                                             "out_hidden_size", "num_position_embeddings", "hidden_act")}
+        vision.update(model_type="qwen3_vl_vision", deepstack_visual_indexes=list(v.deepstack_visual_indexes),
+                      rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+        return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+                "text_config": text, "vision_config": vision, "image_token_id": self.image_token_id,
+                "video_token_id": self.video_token_id, "vision_start_token_id": self.vision_start_token_id,
+                "vision_end_token_id": self.vision_end_token_id, "tie_word_embeddings": self.tie_word_embeddings}
+
+
+# -----------------------------------------------------------------------------
+# Shared pieces
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 whatever the activation dtype; the weight multiplies after the cast back
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def attention_mask(q_index, k_index, k_valid=None, q_segment=None, k_segment=None):
+    """The one place masks are built. Returns bool (B, Tq, Tk): True where query i may attend key j.
+
+    q_index, k_index: (B, Tq), (B, Tk) positions of queries and keys in the sequence order
+        (for cached decoding the queries' indices start at the cache length: the offset is here).
+    k_valid: (B, Tk) False at padding keys.
+    q_segment, k_segment: (B, Tq), (B, Tk) segment ids for the reward model's independent mode:
+        0 = shared prompt, r >= 1 = response r. A key is visible if it is in the prompt or in the
+        query's own response. None means plain causal attention (the paper's joint mode).
+    Every query may attend itself, so a padding row never has an empty softmax (its output is unused).
+    """
+    mask = k_index[:, None, :] <= q_index[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    if q_segment is not None:
+        mask = mask & ((k_segment[:, None, :] == 0) | (k_segment[:, None, :] == q_segment[:, :, None]))
+    return mask | (k_index[:, None, :] == q_index[:, :, None])
+
+
+# -----------------------------------------------------------------------------
+# Vision tower
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
+
+    def forward(self, rows):
+        # stride == kernel, so the Conv3d is a Linear on each flattened (C, T, p, p) pixel row
+        return F.linear(rows.to(self.proj.weight.dtype), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x, cos, sin, mask):
+        N, C = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # each (N, nh, hd)
+        dt = q.dtype
+        q, k = apply_rotary(q.float(), cos, sin).to(dt), apply_rotary(k.float(), cos, sin).to(dt)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y[0].transpose(0, 1).reshape(N, C))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """2x2 neighbouring patches -> one LLM token. The main merger normalises each patch before the
+    concat; the DeepStack mergers normalise the concatenated 4H vector ("postshuffle")."""
+
+    def __init__(self, cfg, postshuffle):
+        super().__init__()
+        self.dim = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.postshuffle = postshuffle
+        self.norm = nn.LayerNorm(self.dim if postshuffle else cfg.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.dim, self.dim)
+        self.linear_fc2 = nn.Linear(self.dim, cfg.out_hidden_size)
+
+    def forward(self, x):
+        x = self.norm(x.view(-1, self.dim)) if self.postshuffle else self.norm(x).view(-1, self.dim)  # (N/4, 4H)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+def patch_coords(grid_thw, merge):
+    """Row, column and grid size of every patch, in the processor's merge-block order
+    (t, block_row, block_col, row_in_block, col_in_block). Vectorised over all images."""
+    counts = grid_thw.prod(-1)
+    h = torch.repeat_interleave(grid_thw[:, 1], counts)
+    w = torch.repeat_interleave(grid_thw[:, 2], counts)
+    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    i = (torch.arange(int(counts.sum()), device=grid_thw.device) - starts) % (h * w)  # index within its frame
+    blocks_w = w // merge
+    row = (i // (merge * merge * blocks_w)) * merge + (i // merge) % merge
+    col = ((i // (merge * merge)) % blocks_w) * merge + i % merge
+    return row, col, h, w
+
+
+class VisionModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, postshuffle=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            [PatchMerger(cfg, postshuffle=True) for _ in cfg.deepstack_visual_indexes])
+
+    def positions(self, grid_thw):
+        """Learned position embedding (bilinear, align-corners resampling of the square table to each
+        image's patch grid) and the 2D rotary cos/sin, for every patch."""
+        side = int(self.cfg.num_position_embeddings ** 0.5)
+        row, col, h, w = patch_coords(grid_thw, self.cfg.spatial_merge_size)
+        table = self.pos_embed.weight
+
+        def taps(i, n):  # source coordinate in the table, its two neighbours and their weights
+            src = i.float() * (side - 1) / (n - 1).clamp(min=1)
+            lo = src.floor().long().clamp(max=side - 1)
+            hi = (lo + 1).clamp(max=side - 1)
+            frac = src - lo.float()
+            return lo, hi, 1 - frac, frac
+        r0, r1, wr0, wr1 = taps(row, h)
+        c0, c1, wc0, wc1 = taps(col, w)
+        pos = sum(table[r * side + c] * (a * b)[:, None].to(table.dtype)
+                  for r, a in ((r0, wr0), (r1, wr1)) for c, b in ((c0, wc0), (c1, wc1)))
+        head_dim = self.cfg.hidden_size // self.cfg.num_heads
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, head_dim // 2, 2, device=row.device).float() / (head_dim // 2))
+        freqs = torch.cat([row[:, None] * inv_freq, col[:, None] * inv_freq], dim=-1)  # (N, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # (N, 1, hd), broadcast over heads
+        return pos, emb.cos(), emb.sin()
+
+    def forward(self, rows, grid_thw):
+        """rows (N, C*T*p*p), grid_thw (n_images, 3) -> LLM tokens (N/4, D) and DeepStack features."""
+        pos, cos, sin = self.positions(grid_thw)
+        x = self.patch_embed(rows) + pos.to(self.patch_embed.proj.weight.dtype)
+        # attention stays inside each image / temporal group: a block-diagonal mask
+        lens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        mask = None
+        if len(lens) > 1:
+            seg = torch.repeat_interleave(torch.arange(len(lens), device=rows.device), lens)
+            mask = (seg[:, None] == seg[None, :])[None, None]
+        feats = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, mask)
+            if i in self.cfg.deepstack_visual_indexes:
+                feats.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), feats
+
+
+# -----------------------------------------------------------------------------
+# Language model
+
+
+def mrope_cos_sin(position_ids, cfg, dtype):
+    """Interleaved M-RoPE. position_ids (3, B, T) holds (t, h, w) per token. Frequency j takes its
+    angle from axis t, except j = 1, 4, 7, ... (height) and j = 2, 5, 8, ... (width) up to 3*section."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=position_ids.device).float() / D)
+    freqs = position_ids[..., None].float() * inv_freq  # (3, B, T, D/2)
+    f = freqs[0].clone()
+    for axis in (1, 2):
+        idx = slice(axis, cfg.mrope_section[axis] * 3, 3)
+        f[..., idx] = freqs[axis, ..., idx]
+    emb = torch.cat([f, f], dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # SDPA gets either the boolean mask or is_causal, never both. With no mask, the keys are exactly
+        # the queries (causal) or a single new token follows the cache (it may see every key).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                           is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Body(nn.Module):
+    """Holds `visual` and `language_model` so parameter names read model.visual.* / model.language_model.*"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.visual = VisionModel(cfg.vision)
+        self.language_model = TextModel(cfg.text)
+
+
+class Qwen3VL(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg)
+        # a tied checkpoint has no lm_head.weight: the output projection reuses embed_tokens
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.grad_checkpointing = False
+
+    @property
+    def output_weight(self):
+        return self.model.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden):
+        return F.linear(hidden, self.output_weight)
+
+    def forward(self, input_ids, pixel_values=None, grid_thw=None, position_ids=None, mask=None,
+                cache=None, return_hidden=False):
+        """input_ids (B, T); pixel_values (N, C*T*p*p) with grid_thw (n, 3) for every image / video
+        group in the batch, in order of appearance; position_ids (3, B, T) (text-only 1D positions if
+        None); mask bool (B, T, T+cached) from attention_mask() or None for causal.
+        Returns logits (B, T, V), or final-norm hidden states (B, T, D) with return_hidden=True."""
+        lm = self.model.language_model
+        B, T = input_ids.shape
+        x = lm.embed_tokens(input_ids)
+        visual = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
+        feats = []
+        if pixel_values is not None:
+            vis, feats = self.model.visual(pixel_values, grid_thw)
+            if vis.shape[0] != int(visual.sum()):
+                raise ValueError(f"{int(visual.sum())} image/video pad tokens in input_ids but the pixel rows "
+                                 f"give {vis.shape[0]} visual tokens (grid_thw={grid_thw.tolist()})")
+            x = x.masked_scatter(visual[..., None], vis.to(x.dtype))
+        start = 0 if cache is None else cache.length
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=x.device) + start).view(1, 1, T).expand(3, B, T)
+        if mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal with an offset
+            q_index = torch.arange(start, start + T, device=x.device).expand(B, T)
+            mask = attention_mask(q_index, torch.arange(start + T, device=x.device).expand(B, start + T))
+        cos, sin = mrope_cos_sin(position_ids, lm.cfg, x.dtype)
+        for i, layer in enumerate(lm.layers):
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+            if i < len(feats):  # DeepStack: vision features of block k join the residual after layer k
+                x = x.clone()
+                x[visual] = x[visual] + feats[i].to(x.dtype)
+        if cache is not None:
+            cache.length += T
+        x = lm.norm(x)
+        return x if return_hidden else self.logits(x)
+
+
+# -----------------------------------------------------------------------------
+# Loading (strict, meta device, safetensors only)
+
+
+def read_checkpoint_index(folder):
+    """tensor name -> shard file path, for single-file and sharded checkpoints."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}") from None
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                                f"(found: {present}); only safetensors checkpoints are loaded")
+    return {k: single for k in _safetensor_keys(single)}
+
+
+def _safetensor_keys(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+def load_model(folder, dtype=torch.float32, device="cpu"):
+    """Build Qwen3VL on the meta device and assign each tensor once, in `dtype` on `device`."""
+    from safetensors import safe_open
+    cfg = Config.from_folder(folder)
+    with torch.device("meta"):
+        model = Qwen3VL(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    where = read_checkpoint_index(folder)
+    missing = sorted(set(expected) - set(where))
+    unexpected = sorted(set(where) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    problems = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
+    state = {}
+    for path in sorted(set(where.values())):
+        if not os.path.isfile(path):
+            problems.append(f"missing shard file: {path}")
+            continue
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name not in expected or where.get(name) != path:
+                        continue
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(expected[name]):
+                        problems.append(f"shape mismatch: {name} is {tuple(t.shape)} in {os.path.basename(path)}, "
+                                        f"the config needs {tuple(expected[name])}")
+                        continue
+                    state[name] = t.to(dtype)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+    if problems:
+        raise ValueError(f"{folder}: checkpoint does not match config.json ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model, folder, shard_bytes=None):
+    """Write config.json + safetensors (sharded with an index when shard_bytes is given)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if shard_bytes is None:
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        if cur and size + v.numel() * v.element_size() > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.numel() * v.element_size()
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer, processor, chat format, 3D positions
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def smart_resize(h, w, factor, min_pixels, max_pixels):
+    """Sides -> multiples of `factor` near the original aspect, pixel count inside [min, max]."""
+    if max(h, w) / min(h, w) > 200:
+        raise ValueError(f"image of {w}x{h}: aspect ratio above 200 is not supported by Qwen3-VL")
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def video_smart_resize(t, h, w, factor, min_pixels, max_pixels, temporal=2):
+    """The video variant budgets pixels over all frames and first scales up frames below `factor`."""
+    if h < factor or w < factor:
+        s = max(factor / h, factor / w)
+        h, w = int(h * s), int(w * s)
+    if max(h, w) / min(h, w) > 200:
+        raise ValueError(f"video of {w}x{h}: aspect ratio above 200 is not supported by Qwen3-VL")
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    tb = round(t / temporal) * temporal
+    if tb * hb * wb > max_pixels:
+        beta = math.sqrt(t * h * w / max_pixels)
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    elif tb * hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (t * h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def sample_frame_indices(total, video_fps, fps=2.0, min_frames=4, max_frames=768):
+    """Qwen3-VL's rule: fps frames per second of video, clamped to [min_frames, max_frames] and the total."""
+    n = int(total / video_fps * fps)
+    n = min(max(n, min_frames), max_frames, total)
+    return np.linspace(0, total - 1, n).round().astype(int)
+
+
+def frame_pair_timestamps(indices, video_fps, temporal=2):
+    """Each group of `temporal` frames is stamped with the mean time of its first and last frame."""
+    idx = list(indices)
+    idx += [idx[-1]] * (-len(idx) % temporal)
+    ts = [i / video_fps for i in idx]
+    return [(ts[i] + ts[i + temporal - 1]) / 2 for i in range(0, len(ts), temporal)]
+
+
+def load_video_frames(source, video_fps=None):
+    """A video as (list of RGB PIL frames, fps). `source`: a list of images/paths, a folder of frames
+    (sorted by name), a GIF, or an mp4 read with PyAV when it is installed. Frame lists and folders
+    carry no timing: `video_fps` says their rate (default 2, i.e. already sampled at Qwen's 2 fps)."""
+    from PIL import Image
+    if isinstance(source, (list, tuple)):
+        frames = [Image.open(f) if isinstance(f, (str, os.PathLike)) else f for f in source]
+        return [f.convert("RGB") for f in frames], video_fps or 2.0
+    path = str(source)
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+        if not names:
+            raise ValueError(f"{path}: video folder holds no .png/.jpg/.jpeg/.webp/.bmp frames")
+        return [Image.open(os.path.join(path, n)).convert("RGB") for n in names], video_fps or 2.0
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: video not found")
+    if path.lower().endswith(".gif"):
+        im = Image.open(path)
+        frames, durations = [], []
+        for i in range(getattr(im, "n_frames", 1)):
+            im.seek(i)
+            frames.append(im.convert("RGB"))
+            durations.append(im.info.get("duration", 100) or 100)
+        return frames, video_fps or 1000.0 / (sum(durations) / len(durations))
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: decoding this video needs PyAV (pip install av), which is not installed; "
+                         "or give the video as a folder of frames, a list of frame paths, or a GIF") from None
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+        fps = float(stream.average_rate or 24)
+    return frames, video_fps or fps
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` package. Special tokens are looked up by name."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: tokenizer.json not found")
+        self.tok = HFTokenizer.from_file(path)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, name):
+        i = self.tok.token_to_id(name)
+        if i is None:
+            raise KeyError(f"token {name!r} is not in the tokenizer's vocabulary")
+        return i
+
+
+@dataclass
+class Batch:
+    """One or more encoded prompts: what Qwen3VL.forward and generate() take."""
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (3, B, T)
+    pixel_values: torch.Tensor = None  # (N, C*T*p*p)
+    grid_thw: torch.Tensor = None  # (n_groups, 3)
+
+
+class Processor:
+    """Images, videos and text -> token ids, pixel rows, grids and 3D positions (one prompt)."""
+
+    def __init__(self, folder, cfg=None):
+        self.cfg = cfg or Config.from_folder(folder)
+        self.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.json"))
+        pp = {}
+        path = os.path.join(folder, "preprocessor_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                pp = json.load(f)
+        size = pp.get("size") or {}
+        self.min_pixels = pp.get("min_pixels") or size.get("shortest_edge", 65536)
+        self.max_pixels = pp.get("max_pixels") or size.get("longest_edge", 16777216)
+        self.patch = pp.get("patch_size", self.cfg.vision.patch_size)
+        self.merge = pp.get("merge_size", self.cfg.vision.spatial_merge_size)
+        self.temporal = pp.get("temporal_patch_size", self.cfg.vision.temporal_patch_size)
+        self.mean = np.array(pp.get("image_mean", [0.5, 0.5, 0.5]), dtype=np.float32)
+        self.std = np.array(pp.get("image_std", [0.5, 0.5, 0.5]), dtype=np.float32)
+        vp = {}
+        vpath = os.path.join(folder, "video_preprocessor_config.json")
+        if os.path.isfile(vpath):
+            with open(vpath) as f:
+                vp = json.load(f)
+        vsize = vp.get("size") or {}
+        self.video_min_pixels = vsize.get("shortest_edge", 128 * 32 * 32)
+        self.video_max_pixels = vsize.get("longest_edge", 768 * 32 * 32)
+        self.video_fps = vp.get("fps", 2.0)
+        self.tok = {name: self.tokenizer.token_id(name) for name in
+                    ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
+        if self.tok["<|image_pad|>"] != self.cfg.image_token_id or self.tok["<|video_pad|>"] != self.cfg.video_token_id:
+            raise ValueError(f"{folder}: tokenizer.json and config.json disagree on the image/video pad token ids")
+        self.stop_ids = [self.tok["<|im_end|>"]] + [i for i in [self.tokenizer.tok.token_to_id("<|endoftext|>")] if i is not None]
+
+    def _rows(self, frames, h, w):
+        """frames: list of PIL images (1 for an image, 2 per group for a video) -> (rows, (t, gh, gw))."""
+        from PIL import Image
+        x = np.stack([np.asarray(f.convert("RGB").resize((w, h), Image.BICUBIC)) for f in frames])  # (F, H, W, C)
+        x = (x.astype(np.float32) / 255.0 - self.mean) / self.std
+        x = x.transpose(0, 3, 1, 2)  # (F, C, H, W)
+        if len(x) % self.temporal:  # an image becomes `temporal` equal frames; a video repeats its last
+            x = np.concatenate([x, np.repeat(x[-1:], self.temporal - len(x) % self.temporal, axis=0)])
+        p, m, T = self.patch, self.merge, self.temporal
+        t, gh, gw = len(x) // T, h // p, w // p
+        x = x.reshape(t, T, 3, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, T, p, p): merge-block order
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(t * gh * gw, 3 * T * p * p)), (t, gh, gw)
+
+    def image(self, img):
+        """PIL image -> (pixel rows (gh*gw, C*T*p*p), grid (1, gh, gw))."""
+        w, h = img.size
+        h2, w2 = smart_resize(h, w, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return self._rows([img], h2, w2)
+
+    def video(self, source, video_fps=None):
+        """-> list of (rows, grid (1, gh, gw), seconds): one entry per pair of frames."""
+        frames, fps = load_video_frames(source, video_fps)
+        idx = sample_frame_indices(len(frames), fps, self.video_fps)
+        frames = [frames[i] for i in idx]
+        w, h = frames[0].size
+        h2, w2 = video_smart_resize(max(len(frames), self.temporal), h, w, self.patch * self.merge,
+                                    self.video_min_pixels, self.video_max_pixels, self.temporal)
+        stamps = frame_pair_timestamps(idx, fps, self.temporal)
+        groups = []
+        for g, s in enumerate(stamps):
+            rows, grid = self._rows(frames[g * self.temporal:(g + 1) * self.temporal], h2, w2)
+            groups.append((rows, grid, s))
+        return groups
+
+    def encode_user(self, images=(), videos=(), text=""):
+        """The user turn and the assistant header as (ids, rows, grids): Qwen3-VL's chat format
+        `<|im_start|>user\\n[vision blocks]TEXT<|im_end|>\\n<|im_start|>assistant\\n`, no system prompt.
+        A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair."""
+        t = self.tok
+        ids = [t["<|im_start|>"]] + self.tokenizer.encode("user\n")
+        rows, grids = [], []
+        n_merge = self.merge ** 2
+        for img in images:
+            r, g = self.image(img)
+            ids += [t["<|vision_start|>"]] + [t["<|image_pad|>"]] * (g[0] * g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
+            rows.append(r), grids.append(g)
+        for vid in videos:
+            for r, g, s in self.video(vid):
+                ids += self.tokenizer.encode(f"<{s:.1f} seconds>")
+                ids += [t["<|vision_start|>"]] + [t["<|video_pad|>"]] * (g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
+                rows.append(r), grids.append(g)
+        ids += self.tokenizer.encode(text) + [t["<|im_end|>"]] + self.tokenizer.encode("\n")
+        ids += [t["<|im_start|>"]] + self.tokenizer.encode("assistant\n")
+        return ids, rows, grids
+
+    def chat(self, images=(), videos=(), text=""):
+        """One prompt, ready for Qwen3VL.forward / generate()."""
+        ids, rows, grids = self.encode_user(images, videos, text)
+        input_ids = torch.tensor([ids])
+        grid_thw = torch.tensor(grids, dtype=torch.long) if grids else None
+        pos = rope_positions(input_ids[0], grid_thw, self.cfg)[:, None, :]
+        return Batch(input_ids, pos, torch.cat(rows) if rows else None, grid_thw)
+
+
+def rope_positions(ids, grid_thw, cfg):
+    """3D (t, h, w) position ids (3, T) for one sequence. Text advances all three axes by one; a
+    vision group starting at s gives its merged token (r, c) the ids (s, s + r, s + c), and the text
+    after it resumes at s + max(rows, cols)."""
+    is_vis = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+    pos = torch.zeros(3, len(ids), dtype=torch.long)
+    m = cfg.vision.spatial_merge_size
+    grids = iter(grid_thw.tolist() if grid_thw is not None else [])
+    i, cur, T = 0, 0, len(ids)
+    starts = torch.nonzero(is_vis[1:] & ~is_vis[:-1]).flatten().add(1).tolist() + ([0] if T and is_vis[0] else [])
+    for s in sorted(starts) + [T]:  # text run [i, s), then the vision group starting at s
+        pos[:, i:s] = torch.arange(cur, cur + s - i)
+        cur += s - i
+        if s == T:
+            break
+        t, gh, gw = next(grids)
+        lh, lw = gh // m, gw // m
+        n = lh * lw
+        if t != 1 or not bool(is_vis[s:s + n].all()):
+            raise ValueError(f"vision group at token {s}: grid {t, gh, gw} does not match its pad tokens")
+        r = torch.arange(lh).repeat_interleave(lw)
+        c = torch.arange(lw).repeat(lh)
+        pos[0, s:s + n] = cur
+        pos[1, s:s + n] = cur + r
+        pos[2, s:s + n] = cur + c
+        cur += max(lh, lw)
+        i = s + n
+    return pos
+
+
+# -----------------------------------------------------------------------------
+# KV cache and generation
+
+
+class KVCache:
+    """Preallocated keys/values per layer: (B, n_kv, max_len, head_dim). `length` tokens are filled."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.length:self.length + T] = k
+        self.v[layer][:, :, self.length:self.length + T] = v
+        return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
+
+    def expand(self, n):
+        """Prefill once with batch 1, then copy it for n samples."""
+        self.k = [k.expand(n, -1, -1, -1).contiguous() for k in self.k]
+        self.v = [v.expand(n, -1, -1, -1).contiguous() for v in self.v]
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, batch, max_new_tokens=64, n=1, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
+             generator=None, return_logits=False):
+    """n completions of one prompt from a single prefill. Returns a dict with `tokens` (list of n
+    lists, stop token included when hit), `finished` (n bools: stopped before the length limit),
+    `logprobs` (per sampled token, of log_softmax(logits / temperature), before top-k/top-p) and,
+    with return_logits, the raw next-token logits of every step (n, steps, V)."""
+    T = batch.input_ids.shape[1]
+    p = next(model.parameters())
+    cache = KVCache(model.cfg.text, 1, T + max_new_tokens, p.dtype, p.device)
+    h = model(batch.input_ids, batch.pixel_values, batch.grid_thw, batch.position_ids, cache=cache, return_hidden=True)
+    cache.expand(n)
+    logits = model.logits(h[:, -1]).float().expand(n, -1)
+    next_pos = int(batch.position_ids.max()) + 1
+    stop = torch.tensor(list(stop_ids) or [-1], device=p.device)
+    tokens, logps, all_logits = [], [], []
+    done = torch.zeros(n, dtype=torch.bool, device=p.device)
+    for step in range(max_new_tokens):
+        if return_logits:
+            all_logits.append(logits)
+        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        scaled = logits / temperature if temperature > 0 else logits
+        logps.append(scaled.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+        tokens.append(tok)
+        done = done | torch.isin(tok, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        pos = torch.full((3, n, 1), next_pos + step, device=p.device)
+        h = model(tok[:, None], position_ids=pos, cache=cache, return_hidden=True)
+        logits = model.logits(h[:, -1]).float()
+    tokens, logps = torch.stack(tokens, 1), torch.stack(logps, 1)  # (n, steps)
+    out_tokens, finished = [], []
+    for i in range(n):
+        hit = torch.nonzero(torch.isin(tokens[i], stop)).flatten()
+        end = int(hit[0]) + 1 if len(hit) else tokens.shape[1]
+        out_tokens.append(tokens[i, :end].tolist())
+        finished.append(bool(len(hit)))
+    out = {"tokens": out_tokens, "finished": finished,
+           "logprobs": [logps[i, :len(t)].tolist() for i, t in enumerate(out_tokens)]}
+    if return_logits:
+        out["logits"] = torch.stack(all_logits, 1)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tiny checkpoints in the real Hub layout
+
+TINY_CORPUS = [
+    "the red circle is on the left. the blue square is at the top right. a green triangle in the middle.",
+    "What color is the triangle? How many shapes are there? Where is the yellow circle? Describe the image.",
+    "There are two shapes: a small purple square and a large orange circle. I think it is reddish.",
+    "yes no maybe one two three four five six seven eight nine zero 0 1 2 3 4 5 6 7 8 9 seconds",
+    "user assistant system The answer is correct. The response is wrong, partly right, vague, complete.",
+]
+
+
+def build_tiny_tokenizer(vocab_size=512, corpus=None):
+    """A byte-level BPE trained on a small corpus, holding the Qwen special tokens (ids 0..13)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((corpus or TINY_CORPUS) * 4, trainer)
+    return tok
+
+
+def tiny_config(vocab_size, special, **over):
+    """A small Qwen3-VL config; keyword overrides go to text (t_*) or vision (v_*) or the top level."""
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0, mrope_section=(4, 2, 2))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, out_hidden_size=64,
+                  num_position_embeddings=64, deepstack_visual_indexes=(0,))
+    top = dict(tie_word_embeddings=True)
+    for k, v in over.items():
+        (text if k.startswith("t_") else vision if k.startswith("v_") else top)[k[2:] if k[:2] in ("t_", "v_") else k] = v
+    vision["out_hidden_size"] = text["hidden_size"]
+    return Config(text=TextConfig(**text), vision=VisionConfig(**vision), image_token_id=special["<|image_pad|>"],
+                  video_token_id=special["<|video_pad|>"], vision_start_token_id=special["<|vision_start|>"],
+                  vision_end_token_id=special["<|vision_end|>"], **top)
+
+
+def init_weights(model, std=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def write_tiny_checkpoint(folder, seed=0, vocab_size=512, corpus=None, min_pixels=32 * 32, max_pixels=128 * 128,
+                          shard_bytes=None, **config_overrides):
+    """A random Qwen3-VL in the Hub layout: config.json, model.safetensors (or shards + index),
+    tokenizer.json, preprocessor_config.json, video_preprocessor_config.json, generation_config.json."""
+    os.makedirs(folder, exist_ok=True)
+    tok = build_tiny_tokenizer(vocab_size, corpus)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    special = {s: tok.token_to_id(s) for s in QWEN_SPECIAL_TOKENS}
+    cfg = tiny_config(tok.get_vocab_size(), special, **config_overrides)
+    model = Qwen3VL(cfg)
+    init_weights(model, seed=seed)
+    save_model(model, folder, shard_bytes)
+    v = cfg.vision
+    common = {"patch_size": v.patch_size, "merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+              "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_rescale": True, "do_normalize": True,
+              "do_resize": True, "resample": 3, "rescale_factor": 1 / 255, "do_convert_rgb": True}
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({**common, "image_processor_type": "Qwen2VLImageProcessor",
+                   "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}, f, indent=2)
+    with open(os.path.join(folder, "video_preprocessor_config.json"), "w") as f:
+        json.dump({**common, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2.0,
+                   "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels * 8}}, f, indent=2)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]],
+                   "pad_token_id": special["<|endoftext|>"]}, f, indent=2)
+    return cfg
