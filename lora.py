@@ -1,0 +1,283 @@
+"""Hand-rolled LoRA (Hu et al. 2021, arXiv 2106.09685) for the nn.Linear layers of a model.
+
+What it does: `inject_lora` swaps each targeted nn.Linear for a `LoRALinear` that keeps the frozen
+layer as `base_layer` and adds `B(A(dropout(x))) * scaling`, then freezes everything else. Module
+paths become `...q_proj.base_layer`, as in peft, so `export_peft` writes an adapter that
+`peft.PeftModel.from_pretrained` loads onto transformers' Qwen3VLForConditionalGeneration.
+Also: disable the adapter (GRPO's reference model), merge/unmerge/strip for export, save/load the
+adapter with safetensors (strict), and count parameters.
+
+How to use it (targets are regexes matched with `re.fullmatch` against full module names; for the
+backbone use DEFAULT_TARGETS, or DEFAULT_TARGETS + VISION_TARGETS to adapt the vision tower too):
+
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> inject_lora(model, r=2, alpha=4, targets=[r"0", r"2"])
+    ['0', '2']
+    >>> count_parameters(model)
+    (28, 58)
+    >>> with adapter_disabled(model):
+    ...     reference = model(torch.ones(1, 4))
+
+What it leaves out: several adapters per model, DoRA and other variants, LoRA on Embedding/Conv
+layers, bias training, quantized base layers, loading peft's own files back (we only export).
+
+Decisions worth knowing:
+- LoRA weights are created in fp32 whatever the base dtype (like peft's default
+  `autocast_adapter_dtype`): tiny A/B updates vanish in bf16. The LoRA path runs in the dtype of
+  the LoRA weights; the sum is cast back to the base output's dtype.
+- Disabling a merged adapter, or merging a disabled one, raises: subtracting the delta again is not
+  bit-exact, and a "reference model" that is only close to the base would be a silent lie.
+- Merge computes B@A in fp32 and rounds once into the base dtype; in bf16, unmerge then restores
+  the base weight only up to that rounding.
+"""
+
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# every attention and MLP projection of the language model (Qwen3-VL module names)
+DEFAULT_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
+# opt-in: the vision tower's transformer blocks (not the patch mergers), e.g. DEFAULT_TARGETS + VISION_TARGETS
+VISION_TARGETS = (r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + B(A(dropout(x))) * scaling; A (r, in), B (out, r); the base layer stays frozen."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got r={r}")
+        self.base_layer = base_layer
+        self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
+        # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        # A like nn.Linear's own init, B zero: the wrapped model starts exactly equal to the base
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.merged = False
+        # a fresh module is in training mode; inherit the wrapped layer's so an eval model stays eval
+        self.train(base_layer.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.enabled or self.merged:
+            return result
+        h = self.dropout(x.to(self.lora_A.weight.dtype))
+        # add in the (wider) LoRA dtype, round once into the base output's dtype
+        return (result + self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        # (out, r) @ (r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def set_enabled(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            raise RuntimeError("cannot disable a merged LoRA adapter: call unmerge_lora(model) first")
+        self.enabled = enabled
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not self.enabled:
+            raise RuntimeError("cannot merge a disabled LoRA adapter: enable it first")
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, enabled={self.enabled}"
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("model has no LoRALinear layers: call inject_lora(model) first")
+    return layers
+
+
+def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                targets=DEFAULT_TARGETS, use_rslora: bool = False) -> list[str]:
+    """Wrap every nn.Linear whose full name fullmatches a pattern; freeze all but lora_A/lora_B."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA layers; inject_lora is applied once per model")
+    if isinstance(targets, str):
+        targets = [targets]
+    patterns = [re.compile(t) for t in targets]
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(p.fullmatch(name) for p in patterns)]
+    if not names:
+        raise ValueError("LoRA targets matched no nn.Linear module; patterns (re.fullmatch on full "
+                         "module names): " + ", ".join(targets))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, use_rslora))
+    return names
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, layer in lora_layers(model):
+        layer.set_enabled(enabled)
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """The base model for the duration of the block (GRPO's reference policy, with no copy)."""
+    layers = lora_layers(model)
+    was_enabled = [layer.enabled for _, layer in layers]
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for (_, layer), enabled in zip(layers, was_enabled):
+            layer.set_enabled(enabled)
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def strip_lora(model: nn.Module) -> nn.Module:
+    """Merge, then put each base nn.Linear back in its place: a plain model for a merged export.
+    The base weights stay frozen (requires_grad False), as inject_lora left them."""
+    for name, layer in lora_layers(model):
+        layer.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`<module>.lora_A.weight` (r, in) and `<module>.lora_B.weight` (out, r) for every LoRA layer."""
+    sd = {}
+    for name, layer in lora_layers(model):
+        sd[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        sd[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return sd
+
+
+def _hyperparameters(model: nn.Module) -> dict:
+    layers = [layer for _, layer in lora_layers(model)]
+    hp = {"r": layers[0].r, "alpha": layers[0].alpha, "dropout": layers[0].dropout_p, "use_rslora": layers[0].use_rslora}
+    # inject_lora uses one setting for all layers; anything else was built by hand and is not exportable as-is
+    for layer in layers:
+        other = {"r": layer.r, "alpha": layer.alpha, "dropout": layer.dropout_p, "use_rslora": layer.use_rslora}
+        if other != hp:
+            raise ValueError(f"LoRA layers disagree on hyperparameters: {hp} vs {other}")
+    return hp
+
+
+def save_lora(model: nn.Module, path: str, config: dict | None = None) -> None:
+    """The adapter weights to one safetensors file; `config` (any JSON-able dict) rides in its metadata."""
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    metadata = {"lora": json.dumps(_hyperparameters(model)), "config": json.dumps(config or {})}
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_lora(model: nn.Module, path: str) -> dict:
+    """Strictly load an adapter saved by save_lora into an injected model; returns the saved config."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    expected = lora_state_dict(model)
+    problems = [f"missing key {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
+    problems += [f"unexpected key {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
+    problems += [f"mis-shaped key {k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if "lora" in metadata:
+        saved, ours = json.loads(metadata["lora"]), _hyperparameters(model)
+        problems += [f"hyperparameter {k}: file {saved[k]}, model {ours[k]}"
+                     for k in ("alpha", "use_rslora") if saved.get(k) != ours[k]]
+    if problems:
+        raise ValueError(f"{path}: adapter does not fit the model ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems))
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise RuntimeError(f"{path}: cannot load into a merged model; call unmerge_lora(model) first")
+    with torch.no_grad():
+        for k, param in expected.items():
+            param.copy_(tensors[k])
+    return json.loads(metadata.get("config", "{}"))
+
+
+def export_peft(model: nn.Module, folder: str, base_model_name_or_path: str = "") -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` that peft.PeftModel.from_pretrained reads.
+
+    peft wraps the transformers model as `PeftModel.base_model (LoraModel).model`, hence the
+    "base_model.model." prefix; it drops the adapter name ("default") from keys when saving."""
+    hp = _hyperparameters(model)
+    names = [name for name, _ in lora_layers(model)]
+    os.makedirs(folder, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": hp["r"],
+        "lora_alpha": hp["alpha"],
+        "lora_dropout": hp["dropout"],
+        "use_rslora": hp["use_rslora"],
+        # full module names: peft matches a list entry exactly (or as a ".suffix"), so it wraps
+        # precisely the layers we wrapped and nothing a looser pattern might also catch
+        "target_modules": sorted(names),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "exclude_modules": None,
+        "revision": None,
+    }
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tensors = {f"base_model.model.{k}": v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def parameter_report(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params {trainable:,} | total params {total:,} | trainable {100 * trainable / max(total, 1):.4f}%"

@@ -1,0 +1,326 @@
+"""Tests for lora.py: exactness at init, merge/unmerge, disable, freezing, save/load, peft parity.
+
+Model-level tests use a tiny random transformers Qwen3VLForConditionalGeneration (its module names
+are the ones our backbone copies); unit tests use a toy nn.Sequential and need nothing but torch.
+"""
+
+import doctest
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+from lora import (DEFAULT_TARGETS, VISION_TARGETS, LoRALinear, adapter_disabled, count_parameters,
+                  export_peft, inject_lora, load_lora, lora_state_dict, merge_lora, save_lora,
+                  set_adapter_enabled, strip_lora, unmerge_lora)
+
+IMAGE_TOKEN = 290
+
+
+def tiny_vlm(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         # mrope_section sums to head_dim / 2
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                              mrope_section=[4, 2, 2], mrope_interleaved=True)),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                           out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=IMAGE_TOKEN, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+    torch.manual_seed(seed)
+    return transformers.Qwen3VLForConditionalGeneration(config).eval()
+
+
+def vlm_inputs() -> dict:
+    """One text+image sequence: a 1x4x4 patch grid merges 2x2 into 4 image tokens."""
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.tensor([[5, 292] + [IMAGE_TOKEN] * 4 + [293, 17, 42, 99, 7]])
+    return dict(input_ids=input_ids,
+                pixel_values=torch.randn(16, 3 * 2 * 8 * 8, generator=g),  # (patches, C*T*p*p)
+                image_grid_thw=torch.tensor([[1, 4, 4]]),
+                mm_token_type_ids=(input_ids == IMAGE_TOKEN).int())
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(**vlm_inputs()).logits
+
+
+def randomize_lora_B(model, seed: int = 2, std: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
+
+
+def toy(dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).to(dtype)
+
+
+def test_zero_B_leaves_the_model_output_exactly_unchanged():
+    model = tiny_vlm()
+    before = logits(model)
+    inject_lora(model, r=4, alpha=8, targets=DEFAULT_TARGETS + VISION_TARGETS)
+    after = logits(model)
+    assert torch.equal(before, after), f"max |diff| {(before - after).abs().max().item():.3g}"
+
+
+def test_default_targets_wrap_every_language_model_projection():
+    model = tiny_vlm()
+    names = inject_lora(model)
+    expected = [f"model.language_model.layers.{i}.{p}" for i in range(2) for p in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert names == expected, f"wrapped {len(names)} modules: {names}"
+    assert isinstance(model.get_submodule("model.language_model.layers.0.self_attn.q_proj.base_layer"), nn.Linear)
+
+
+def test_vision_targets_wrap_the_four_linears_of_each_vision_block():
+    names = inject_lora(tiny_vlm(), targets=VISION_TARGETS)
+    assert len(names) == 2 * 4, f"wrapped {len(names)}: {names}"
+    assert all(n.startswith("model.visual.blocks.") for n in names), names
+
+
+def test_targets_that_match_nothing_raise_and_list_the_patterns():
+    with pytest.raises(ValueError, match=r"matched no nn.Linear") as err:
+        inject_lora(toy(), targets=DEFAULT_TARGETS)
+    assert DEFAULT_TARGETS[0] in str(err.value), str(err.value)
+
+
+def test_injecting_twice_raises():
+    model = toy()
+    inject_lora(model, targets=[r"0"])
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, targets=[r"2"])
+
+
+def test_injected_layers_keep_the_eval_mode_of_the_model():
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8, dropout=0.5)
+    randomize_lora_B(model)
+    training = [n for n, m in model.named_modules() if m.training]
+    assert not training, f"{len(training)} modules in training mode: {training[:3]}"
+    first, second = logits(model), logits(model)
+    assert torch.equal(first, second), f"max |diff| between two eval passes {(first - second).abs().max().item():.3g}"
+
+
+def test_merged_and_unmerged_adapters_give_the_same_logits():
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8, targets=DEFAULT_TARGETS + VISION_TARGETS)
+    randomize_lora_B(model)
+    unmerged = logits(model)
+    merge_lora(model)
+    merged = logits(model)
+    diff = (merged - unmerged).abs().max().item()
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0), f"max |merged - unmerged| {diff:.3g}"
+
+
+def test_unmerge_restores_the_original_weights():
+    model = tiny_vlm()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora_B(model)
+    merge_lora(model)
+    unmerge_lora(model)
+    restored = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert restored.keys() == original.keys()
+    worst = max((restored[k] - original[k]).abs().max().item() for k in original)
+    assert worst <= 1e-6, f"max |restored - original| weight {worst:.3g}"
+
+
+def test_disabled_adapter_gives_the_base_output_exactly():
+    model = tiny_vlm()
+    base = logits(model)
+    inject_lora(model, r=4, alpha=8, targets=DEFAULT_TARGETS + VISION_TARGETS)
+    randomize_lora_B(model)
+    with adapter_disabled(model):
+        disabled = logits(model)
+    assert torch.equal(disabled, base), f"max |disabled - base| {(disabled - base).abs().max().item():.3g}"
+
+
+def test_reenabled_adapter_gives_the_adapted_output_again():
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora_B(model)
+    adapted = logits(model)
+    set_adapter_enabled(model, False)
+    disabled = logits(model)
+    set_adapter_enabled(model, True)
+    again = logits(model)
+    assert (adapted - disabled).abs().max() > 1e-3, "the random B should change the logits"
+    assert torch.equal(again, adapted), f"max |re-enabled - adapted| {(again - adapted).abs().max().item():.3g}"
+
+
+def test_disabling_a_merged_adapter_raises():
+    model = toy()
+    inject_lora(model, targets=[r"0"])
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        set_adapter_enabled(model, False)
+
+
+def test_only_lora_parameters_require_grad_after_injection():
+    model = tiny_vlm()
+    inject_lora(model, targets=DEFAULT_TARGETS + VISION_TARGETS)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in trainable), trainable
+    assert len(trainable) == 2 * (14 + 8), f"{len(trainable)} trainable tensors"
+
+
+def test_backward_reaches_only_the_lora_parameters_and_the_added_head():
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora_B(model)  # with B = 0 the gradient of A would be exactly zero
+    model.score_head = nn.Linear(64, 1)  # the caller's own head, trainable by default
+    hidden = model(**vlm_inputs(), output_hidden_states=True).hidden_states[-1]  # (B, T, hidden)
+    model.score_head(hidden[:, -1]).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    expected = {n for n, _ in model.named_parameters() if ".lora_" in n or n.startswith("score_head.")}
+    assert with_grad == expected, f"unexpected {sorted(with_grad - expected)}, missing {sorted(expected - with_grad)}"
+    zero = [n for n in with_grad if model.get_parameter(n).grad.abs().max() == 0]
+    assert not zero, f"zero gradients on {zero}"
+
+
+def test_count_parameters_counts_r_times_in_plus_out_per_wrapped_layer():
+    model = tiny_vlm()
+    total_before = sum(p.numel() for p in model.parameters())
+    inject_lora(model, r=4)
+    expected = sum(4 * (m.base_layer.in_features + m.base_layer.out_features) for _, m in lora.lora_layers(model))
+    trainable, total = count_parameters(model)
+    assert (trainable, total) == (expected, total_before + expected), f"got {(trainable, total)}, expected {(expected, total_before + expected)}"
+    assert f"{trainable:,}" in lora.parameter_report(model), lora.parameter_report(model)
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    layer = LoRALinear(nn.Linear(8, 8), r=16, alpha=32, use_rslora=True)
+    assert math.isclose(layer.scaling, 32 / 4), f"scaling {layer.scaling}, expected 8.0"
+    assert math.isclose(LoRALinear(nn.Linear(8, 8), r=16, alpha=32).scaling, 2.0)
+
+
+def test_lora_path_runs_in_fp32_and_returns_the_base_dtype():
+    model = toy(torch.bfloat16)
+    inject_lora(model, targets=[r"0"])
+    randomize_lora_B(model)
+    layer = model[0]
+    assert layer.lora_A.weight.dtype == torch.float32, layer.lora_A.weight.dtype
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    out = layer(x)
+    # the base in bf16, the LoRA path in fp32, one rounding of the sum back to bf16
+    lora_out = layer.lora_B(layer.lora_A(x.float())) * layer.scaling  # (3, 6) fp32
+    expected = (layer.base_layer(x) + lora_out).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16, out.dtype
+    assert torch.equal(out, expected), f"max |diff| {(out.float() - expected.float()).abs().max().item():.3g}"
+
+
+def test_strip_lora_leaves_plain_linears_with_the_adapted_output():
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora_B(model)
+    adapted = logits(model)
+    strip_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in model.state_dict()
+    diff = (logits(model) - adapted).abs().max().item()
+    assert diff <= 1e-5, f"max |stripped - adapted| {diff:.3g}"
+
+
+def test_save_then_load_restores_the_adapter_weights_and_config(tmp_path):
+    path = str(tmp_path / "adapter.safetensors")
+    model = tiny_vlm()
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora_B(model)
+    save_lora(model, path, config={"step": 7, "lr": 1e-4})
+    fresh = tiny_vlm()
+    inject_lora(fresh, r=4, alpha=8)
+    config = load_lora(fresh, path)
+    ours, theirs = lora_state_dict(model), lora_state_dict(fresh)
+    assert config == {"step": 7, "lr": 1e-4}, config
+    assert ours.keys() == theirs.keys()
+    unequal = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not unequal, f"{len(unequal)} tensors differ: {unequal[:3]}"
+
+
+def test_load_lists_every_missing_unexpected_and_misshaped_key_and_names_the_file(tmp_path):
+    path = str(tmp_path / "adapter.safetensors")
+    saved = toy()
+    inject_lora(saved, r=2, targets=[r"0"])
+    save_lora(saved, path)
+    other = toy()
+    inject_lora(other, r=3, targets=[r"2"])
+    with pytest.raises(ValueError) as err:
+        load_lora(other, path)
+    msg = str(err.value)
+    assert path in msg, msg
+    assert "missing key 2.lora_A.weight" in msg and "unexpected key 0.lora_B.weight" in msg, msg
+    mis = toy()
+    inject_lora(mis, r=3, targets=[r"0"])
+    with pytest.raises(ValueError, match=r"mis-shaped key 0\.lora_A\.weight: file \(2, 8\), model \(3, 8\)"):
+        load_lora(mis, path)
+
+
+def test_load_of_a_truncated_file_gives_an_error_naming_the_file(tmp_path):
+    path = str(tmp_path / "adapter.safetensors")
+    model = toy()
+    inject_lora(model, targets=[r"0"])
+    save_lora(model, path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match="not a readable safetensors file") as err:
+        load_lora(model, path)
+    assert path in str(err.value), str(err.value)
+
+
+def test_export_peft_writes_peft_key_names_and_config(tmp_path):
+    model = tiny_vlm()
+    names = inject_lora(model, r=4, alpha=8, dropout=0.05, use_rslora=True)
+    export_peft(model, str(tmp_path), base_model_name_or_path="tiny")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8, config
+    assert config["use_rslora"] is True and config["lora_dropout"] == 0.05, config
+    assert config["target_modules"] == sorted(names), config["target_modules"]
+    from safetensors.torch import load_file
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys, sorted(keys)[:3]
+    assert len(keys) == 2 * len(names), f"{len(keys)} keys for {len(names)} modules"
+
+
+def peft_model_from_export(tmp_path, use_rslora: bool):
+    """Our adapted model and peft's model loaded from our export onto the same base weights."""
+    peft = pytest.importorskip("peft")
+    model = tiny_vlm()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, r=4, alpha=8, dropout=0.05, targets=DEFAULT_TARGETS + VISION_TARGETS, use_rslora=use_rslora)
+    randomize_lora_B(model)
+    export_peft(model, str(tmp_path))
+    fresh = tiny_vlm(seed=123)  # different random init, then the same base weights
+    fresh.load_state_dict(base_state)
+    return model, peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_loads_our_export_and_gives_the_same_logits(tmp_path, use_rslora):
+    model, peft_model = peft_model_from_export(tmp_path, use_rslora)
+    ours, theirs = logits(model), logits(peft_model)
+    diff = (ours - theirs).abs().max().item()
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), f"max |ours - peft| {diff:.3g}"
+
+
+def test_peft_holds_exactly_the_lora_weights_we_exported(tmp_path):
+    model, peft_model = peft_model_from_export(tmp_path, use_rslora=False)
+    theirs = {k.removeprefix("base_model.model.").replace(".default.", "."): v
+              for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    ours = lora_state_dict(model)
+    assert theirs.keys() == ours.keys(), f"only ours {sorted(ours.keys() - theirs.keys())[:3]}, only peft {sorted(theirs.keys() - ours.keys())[:3]}"
+    unequal = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not unequal, f"{len(unequal)} tensors differ: {unequal[:3]}"
+
+
+def test_the_module_docstring_example_runs():
+    result = doctest.testmod(lora)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
