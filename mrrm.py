@@ -24,9 +24,14 @@ What it leaves out: reasoning ("thinking") before the scores, generative judges,
 reward models, and sequence packing of several prompts into one row.
 """
 
+import argparse
 import json
 import math
 import os
+import re
+import shutil
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -282,3 +287,109 @@ class RewardModel(nn.Module):
             head = load_file(os.path.join(adapter, "head.safetensors"))
             rm.head.load_state_dict(head, strict=True)
         return rm.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# Data: the authors' JSONL schema (prompt, responses, rankings with 1 = best, image, video, category, id)
+
+_WS = re.compile(r"\s*")
+
+
+def read_records(path, errors=None):
+    """Yield (line_no, obj) for each record of a JSONL file or a file holding one JSON list.
+
+    A malformed JSONL line raises ValueError('file:line: malformed JSON: ...'), or, when `errors`
+    is a list, is appended to it as that message and skipped. A malformed JSON list always raises:
+    after a syntax error there is no reliable place to resume.
+    """
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            yield from _read_json_list(path, f.read())
+            return
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                msg = f"{path}:{line_no}: malformed JSON: {e.msg} at column {e.colno}"
+                if errors is None:
+                    raise ValueError(msg) from None
+                errors.append(msg)
+
+
+def _read_json_list(path, text):
+    # raw_decode walks the list element by element, so each element keeps the line it starts on
+    # (json.load would give us the objects but not where they came from).
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, 0).end() + 1  # past the '['
+    line, counted = 1, 0
+    pos = _WS.match(text, pos).end()
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+        yield line, obj
+        pos = _WS.match(text, pos).end()
+        if pos < len(text) and text[pos] == "]":
+            return
+        if pos >= len(text) or text[pos] != ",":
+            where = line + text.count("\n", counted, pos)
+            found = repr(text[pos]) if pos < len(text) else "end of file"
+            raise ValueError(f"{path}:{where}: malformed JSON: expected ',' or ']' after an element, found {found}")
+        pos = _WS.match(text, pos + 1).end()
+
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _paths_problem(v):
+    """Why v is not a path or a non-empty list of paths, or None when it is."""
+    if isinstance(v, str):
+        return None if v else "expected a path, found an empty string"
+    if isinstance(v, list) and v and all(isinstance(p, str) and p for p in v):
+        return None
+    return f"expected a path or a non-empty list of paths, found {json.dumps(v)[:60]}"
+
+
+def validate_sample(obj, where):
+    """Every way `obj` breaks mrrm's sample schema, each as 'where: field: what is wrong'."""
+    if not isinstance(obj, dict):
+        return [f"{where}: expected a JSON object, found {type(obj).__name__}"]
+    problems = []
+    if not isinstance(obj.get("prompt"), str):
+        problems.append(f"{where}: prompt: expected a string, found {type(obj.get('prompt')).__name__}")
+    responses, rankings = obj.get("responses"), obj.get("rankings")
+    if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
+        problems.append(f"{where}: responses: expected a list of 2 or more strings, found {json.dumps(responses)[:60]}")
+    elif not (isinstance(rankings, list) and all(is_int(r) for r in rankings)):
+        problems.append(f"{where}: rankings: expected a list of ints, found {json.dumps(rankings)[:60]}")
+    elif len(rankings) != len(responses):
+        problems.append(f"{where}: rankings: expected {len(responses)} ints (one per response), found {len(rankings)}")
+    elif min(rankings) != 1 or max(rankings) > len(rankings):
+        problems.append(f"{where}: rankings: expected ranks in 1..{len(rankings)}, 1 = best present, "
+                        f"found {rankings}")
+    for key in ("image", "video"):
+        if key in obj and (why := _paths_problem(obj[key])):
+            problems.append(f"{where}: {key}: {why}")
+    if "category" in obj and not isinstance(obj["category"], str):
+        problems.append(f"{where}: category: expected a string, found {type(obj['category']).__name__}")
+    if "id" in obj and not (isinstance(obj["id"], str) or is_int(obj["id"])):
+        problems.append(f"{where}: id: expected a string or int, found {type(obj['id']).__name__}")
+    if "pair" in obj and not (is_int(obj["pair"]) and obj["pair"] >= 0):
+        problems.append(f"{where}: pair: expected an int >= 0, found {obj['pair']!r}")
+    return problems
+
+

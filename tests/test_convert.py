@@ -1,0 +1,237 @@
+"""Tests of data/convert.py: each converter on hand-written records in its published format."""
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import convert  # noqa: E402
+
+
+def png_bytes(color=(255, 0, 0), size=(4, 3)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(tmp_path, name, records, **kw):
+    src = write_jsonl(tmp_path / f"{name}.in.jsonl", records)
+    out = tmp_path / f"{name}.out.jsonl"
+    stats = convert.convert(name, src, out, **kw)
+    return stats, read_jsonl(out), out
+
+
+def best(sample):
+    return sample["responses"][sample["rankings"].index(1)]
+
+
+VLRB = {"id": "RLAIF-V-7", "query": "How many cats?", "response": ["Two cats.", "Three cats."],
+        "human_ranking": [1, 0], "image_path": "img/7.jpg", "query_source": "RLAIF-V",
+        "models": ["m1", "m2"]}
+
+
+# ----------------------------------------------------------------------------- converters
+
+def test_vlrewardbench_turns_human_ranking_zero_into_rank_one(tmp_path):
+    _, [s], _ = run(tmp_path, "vlrewardbench", [VLRB])
+    assert s["rankings"] == [2, 1], f"human_ranking [1, 0] should give rankings [2, 1], got {s['rankings']}"
+    assert (s["prompt"], s["image"], s["category"], s["id"]) == ("How many cats?", "img/7.jpg", "RLAIF-V", "RLAIF-V-7")
+
+
+def test_vlrewardbench_writes_image_bytes_as_a_png_beside_out(tmp_path):
+    raw = png_bytes()
+    rec = dict(VLRB, image={"bytes": base64.b64encode(raw).decode(), "path": None})
+    _, [s], out = run(tmp_path, "vlrewardbench", [rec])
+    png = out.parent / s["image"]
+    assert s["image"].startswith("vlrewardbench.out_images/"), f"image path {s['image']} is not beside OUT"
+    assert png.exists(), f"no PNG written at {png}"
+    with Image.open(png) as img:
+        assert (img.format, img.size) == ("PNG", (4, 3)), f"wrote {img.format} {img.size}, expected PNG (4, 3)"
+
+
+def test_base64_strings_are_images_and_paths_that_look_alike_stay_paths(tmp_path):
+    b64 = base64.b64encode(png_bytes()).decode()
+    records = [dict(VLRB, image=b64), dict(VLRB, image=f"data:image/png;base64,{b64}"), dict(VLRB, image="Qk/7.jpg")]
+    _, out, _ = run(tmp_path, "vlrewardbench", records)
+    images = [s["image"] for s in out]
+    assert images[0] == images[1] and images[0].endswith(".png") and images[2] == "Qk/7.jpg", images
+
+
+def test_mmrewardbench_reads_a_json_list_with_better_and_category(tmp_path):
+    records = [{"ID": "nocaps_1", "Text": "Caption it.", "Image": "images/nocaps/1.jpg", "Output1": "A dog.",
+                "Output2": "A cat.", "Better": "Output2", "Category": "open_generation/correctness_task"},
+               {"ID": "mathvista_2", "Text": "Solve.", "Image": "images/m/2.jpg", "Output1": "4",
+                "Output2": "5", "Better": "Output1", "Meta": {"Category": "reasoning"}}]
+    src = tmp_path / "all_data.json"
+    src.write_text(json.dumps(records, indent=2))
+    stats = convert.convert("mmrewardbench", src, tmp_path / "out.jsonl")
+    a, b = read_jsonl(tmp_path / "out.jsonl")
+    assert (a["rankings"], b["rankings"]) == ([2, 1], [1, 2]), f"rankings {a['rankings']}, {b['rankings']}"
+    assert (a["category"], b["category"]) == ("open_generation/correctness_task", "reasoning")
+    assert stats["samples_out"] == 2, f"expected 2 samples, got {stats['samples_out']}"
+
+
+def test_mmrlhf_numbers_pairs_that_share_an_id(tmp_path):
+    base = {"id": "073712_6", "image": "mcq/073712.png", "prompt": "Length of CB?", "chosen": "Cannot tell."}
+    video = {"id": "v1", "video": "video/clip_1", "prompt": "What happens?", "chosen": "A run.", "rejected": "A swim."}
+    _, out, _ = run(tmp_path, "mmrlhf", [dict(base, rejected="12"), dict(base, rejected="B"), video])
+    assert [(s["id"], s["pair"]) for s in out] == [("073712_6", 0), ("073712_6", 1), ("v1", 0)], out
+    assert [best(s) for s in out] == ["Cannot tell.", "Cannot tell.", "A run."], [s["rankings"] for s in out]
+    assert (out[0]["category"], out[2]["category"], out[2]["video"]) == ("mcq", "video", "video/clip_1")
+
+
+def test_chosen_is_not_always_shown_first(tmp_path):
+    recs = [{"question": f"q{i}", "chosen": "good", "rejected": "bad", "image_path": "x.jpg", "idx": f"i{i}"}
+            for i in range(40)]
+    _, out, _ = run(tmp_path, "rlaifv", recs)
+    first = sum(s["rankings"] == [1, 2] for s in out)
+    assert 8 <= first <= 32, f"chosen shown first in {first}/40 samples; expected about half"
+    assert all(best(s) == "good" for s in out), "the chosen response must keep rank 1"
+
+
+def test_rlaifv_keeps_idx_as_id_and_decodes_bytes_given_as_ints(tmp_path):
+    rec = {"ds_name": "RLAIF-V", "image": {"bytes": list(png_bytes((0, 9, 9))), "path": "a.jpg"},
+           "question": "Describe.", "chosen": "Teal square.", "rejected": "Red circle.",
+           "origin_dataset": "OK-VQA", "origin_split": "{}", "idx": "OK-VQA_5", "image_path": "a.jpg"}
+    _, [s], out = run(tmp_path, "rlaifv", [rec])
+    assert (s["id"], s["category"], best(s)) == ("OK-VQA_5", "OK-VQA", "Teal square.")
+    with Image.open(out.parent / s["image"]) as img:
+        assert img.getpixel((0, 0)) == (0, 9, 9), f"pixel {img.getpixel((0, 0))}, expected (0, 9, 9)"
+
+
+def completion(text, h, e, v):
+    return {"model": "m", "response": text, "annotations": {
+        "Helpfulness": {"Rating": h, "Rationale": "."}, "Ethical Considerations": {"Rating": e, "Rationale": "."},
+        "Visual Faithfulness": {"Rating": v, "Rationale": "."}}}
+
+
+def test_vlfeedback_ranks_by_mean_rating_with_dense_ties(tmp_path):
+    rec = {"id": "svit-1", "prompt": "What is it?", "img_path": "svit/1.jpg", "models": ["a", "b", "c", "d"],
+           "completions": [completion("w", "2", "5", "2"), completion("x", "5", "5", "5"),
+                           completion("y", "3", "5", "1"), completion("z", "4", "N/A", "4")]}
+    _, [s], _ = run(tmp_path, "vlfeedback", [rec])
+    # means: w 3.0, x 5.0, y 3.0, z 4.0 (N/A ignored)
+    assert s["rankings"] == [3, 1, 3, 2], f"expected [3, 1, 3, 2] from means 3, 5, 3, 4; got {s['rankings']}"
+
+
+def test_videorewardbench_passes_valid_samples_through(tmp_path):
+    rec = {"prompt": "Who wins?", "responses": ["a", "b", "c"], "rankings": [2, 1, 2], "video": "v/1.mp4",
+           "id": 17, "category": "perception"}
+    _, [s], _ = run(tmp_path, "videorewardbench", [rec])
+    assert s == rec, f"pass-through changed the sample: {s}"
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_mr2bench_bad_rankings_stop_conversion_naming_file_line_and_field(tmp_path):
+    good = {"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2], "image": "i.png"}
+    src = write_jsonl(tmp_path / "mr2.jsonl", [good, dict(good, rankings=[1, 2, 3])])
+    with pytest.raises(convert.BadRecord) as e:
+        convert.convert("mr2bench", src, tmp_path / "out.jsonl")
+    assert f"{src}:2: rankings:" in str(e.value), str(e.value)
+
+
+def test_malformed_json_stops_conversion_before_anything_is_written(tmp_path):
+    rec = dict(VLRB, image={"bytes": base64.b64encode(png_bytes()).decode()})
+    src = write_jsonl(tmp_path / "in.jsonl", [rec, '{"id": "x", "query": '])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError) as e:
+        convert.convert("vlrewardbench", src, out)
+    assert f"{src}:2: malformed JSON" in str(e.value), str(e.value)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["in.jsonl"], f"a failed conversion left files behind: {left}"
+
+
+def test_missing_field_is_reported_with_file_line_and_field(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [VLRB, {k: v for k, v in VLRB.items() if k != "query"}])
+    with pytest.raises(convert.BadRecord) as e:
+        convert.convert("vlrewardbench", src, tmp_path / "out.jsonl")
+    assert str(e.value) == f"{src}:2: query: missing", str(e.value)
+
+
+def test_undecodable_image_bytes_are_reported_with_the_field(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [dict(VLRB, image={"bytes": "iVBORw0KGgoAAAAA"})])
+    with pytest.raises(convert.BadRecord) as e:
+        convert.convert("vlrewardbench", src, tmp_path / "out.jsonl")
+    assert f"{src}:1: image: image bytes do not decode" in str(e.value), str(e.value)
+
+
+def test_skip_bad_skips_and_counts_every_bad_record(tmp_path):
+    records = [VLRB, "not json", dict(VLRB, human_ranking=[0]), dict(VLRB, id="ok-2")]
+    stats, out, _ = run(tmp_path, "vlrewardbench", records, skip_bad=True)
+    assert (stats["records_in"], stats["samples_out"], stats["skipped"]) == (4, 2, 2), stats
+    assert any(":2: malformed JSON" in m for m in stats["bad"]) and any(":3: human_ranking" in m for m in stats["bad"])
+    assert [s["id"] for s in out] == ["RLAIF-V-7", "ok-2"]
+
+
+def test_image_root_maps_paths_relative_to_out_and_reports_missing_files(tmp_path):
+    root = tmp_path / "bench"
+    (root / "img").mkdir(parents=True)
+    (root / "img/7.jpg").write_bytes(b"")
+    (tmp_path / "conv").mkdir()
+    src = write_jsonl(tmp_path / "in.jsonl", [VLRB])
+    convert.convert("vlrewardbench", src, tmp_path / "conv/out.jsonl", image_root=root)
+    [s] = read_jsonl(tmp_path / "conv/out.jsonl")
+    assert s["image"] == "../bench/img/7.jpg", s["image"]
+    src = write_jsonl(tmp_path / "in2.jsonl", [dict(VLRB, image_path="img/8.jpg")])
+    with pytest.raises(convert.BadRecord, match=r"in2.jsonl:1: image_path: no file at"):
+        convert.convert("vlrewardbench", src, tmp_path / "conv/out2.jsonl", image_root=root)
+
+
+# ----------------------------------------------------------------------------- reader and validator
+
+def test_read_records_gives_the_line_each_json_list_element_starts_on(tmp_path):
+    src = tmp_path / "list.json"
+    src.write_text('[\n  {"a": 1},\n  {"b":\n    2},\n  {"c": 3}\n]\n')
+    got = list(convert.read_records(src))
+    assert got == [(2, {"a": 1}), (3, {"b": 2}), (5, {"c": 3})], got
+
+
+def test_read_records_reports_a_broken_json_list_with_its_line(tmp_path):
+    src = tmp_path / "list.json"
+    src.write_text('[\n  {"a": 1}\n  {"b": 2}\n]\n')
+    with pytest.raises(ValueError, match=r"list.json:3: malformed JSON: expected ',' or ']'"):
+        list(convert.read_records(src))
+
+
+def test_validate_sample_accepts_a_good_sample():
+    good = {"prompt": "p", "responses": ["a", "b", "c"], "rankings": [1, 1, 3], "image": ["x.png", "y.png"],
+            "category": "c", "id": "q-1", "pair": 0}
+    assert convert.validate_sample(good, "f:1") == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("prompt", None), ("responses", ["only one"]), ("rankings", [1, 2, 3]), ("rankings", [2, 3]),
+    ("rankings", [1, True]), ("image", ""), ("video", []), ("category", 3), ("id", 1.5), ("pair", -1)])
+def test_validate_sample_names_the_broken_field(field, value):
+    sample = {"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2], field: value}
+    problems = convert.validate_sample(sample, "f.jsonl:9")
+    assert len(problems) == 1 and problems[0].startswith(f"f.jsonl:9: {field}:"), problems
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_command_line_prints_a_one_line_summary(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [VLRB, "{"])
+    rc = convert.main(["vlrewardbench", str(src), str(tmp_path / "out.jsonl"), "--skip-bad"])
+    line = capsys.readouterr().out.strip()
+    assert rc == 0 and line.startswith("vlrewardbench | records_in 2 | samples_out 1 | skipped 1 |"), line
+
+
+def test_bench_reports_a_positive_rate_per_converter():
+    rates = convert.bench(n=200)
+    assert set(rates) == {"rlaifv", "vlrewardbench"} and min(rates.values()) > 0, rates

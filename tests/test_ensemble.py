@@ -1,0 +1,170 @@
+"""Tests of data/ensemble.py: the rankers, cycle removal, variants, and recovery of a known order."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import convert, ensemble  # noqa: E402
+
+
+def round_robin(n, noise_free_order):
+    """W of a full round robin, one judgment per pair, the earlier model in the order winning."""
+    W = np.zeros((n, n))
+    for i, a in enumerate(noise_free_order):
+        for b in noise_free_order[i + 1:]:
+            W[a, b] = 1
+    return W
+
+
+def cost_of_best_single_move(W, order):
+    best = ensemble.back_edge_weight(W, order)
+    for p in range(len(order)):
+        rest = order[:p] + order[p + 1:]
+        for q in range(len(order)):
+            best = min(best, ensemble.back_edge_weight(W, rest[:q] + [order[p]] + rest[q:]))
+    return best
+
+
+# ----------------------------------------------------------------------------- single methods
+
+@pytest.mark.parametrize("method", list(ensemble.METHODS))
+def test_every_method_recovers_a_noiseless_round_robin(method):
+    truth = [3, 0, 4, 1, 2]
+    ranks = ensemble.scores_to_ranks(ensemble.METHODS[method](round_robin(5, truth)))
+    assert list(np.argsort(ranks)) == truth, f"{method} ranks {ranks}, true order {truth}"
+
+
+def test_bradley_terry_gives_an_undefeated_model_a_finite_top_strength():
+    W = np.array([[0, 3, 2], [0, 0, 1], [0, 1, 0.0]])
+    s = ensemble.bradley_terry(W)
+    assert np.all(np.isfinite(s)) and s[0] == s.max(), f"strengths {s}"
+
+
+def test_ties_count_half_a_win_each_way():
+    W = ensemble.preference_matrix([{"model_a": "x", "model_b": "y", "winner": "tie"},
+                                    {"model_a": "y", "model_b": "x", "winner": "a"}], ["x", "y"])
+    assert W.tolist() == [[0, 0.5], [1.5, 0]], W.tolist()
+
+
+def test_kendall_tau_is_one_for_equal_and_minus_one_for_reversed_ranks():
+    r = [1, 2, 3, 4]
+    got = (ensemble.kendall_tau(r, r), ensemble.kendall_tau(r, r[::-1]), ensemble.kendall_tau(r, [2, 1, 3, 4]))
+    assert got == pytest.approx((1.0, -1.0, 4 / 6)), got
+
+
+# ----------------------------------------------------------------------------- cycles
+
+def test_remove_cycles_breaks_a_three_cycle_at_its_weakest_edge():
+    W = np.zeros((3, 3))
+    W[0, 1], W[1, 2], W[2, 0] = 5, 4, 1  # 0 > 1 > 2 > 0, the last edge weakest
+    order = ensemble.remove_cycles(W, [2, 1, 0])
+    assert order == [0, 1, 2], f"order {order}, cost {ensemble.back_edge_weight(W, order)}; expected [0, 1, 2] cost 1"
+
+
+def test_remove_cycles_leaves_no_single_move_that_lowers_back_edges():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        W = rng.poisson(1.0, (8, 8)) * (1 - np.eye(8))
+        order = ensemble.remove_cycles(W, list(rng.permutation(8)))
+        cost = ensemble.back_edge_weight(W, order)
+        assert cost_of_best_single_move(W, order) == cost, f"trial {trial}: a move beats cost {cost}"
+
+
+def test_ensemble_order_never_has_more_back_edges_than_any_single_method():
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        W = rng.poisson(2.0, (9, 9)) * (1 - np.eye(9))
+        order, method_ranks = ensemble.ensemble_rank(W)
+        cost = ensemble.back_edge_weight(W, order)
+        for name, ranks in method_ranks.items():
+            single = ensemble.back_edge_weight(W, list(np.argsort(ranks, kind="stable")))
+            assert cost <= single, f"trial {trial}: ensemble cost {cost} > {name} cost {single}"
+
+
+# ----------------------------------------------------------------------------- recovery of the truth
+
+def test_ensemble_recovers_the_true_order_better_than_every_single_method():
+    # The paper's 19 models, 94K judgments overall; 20% of non-tie judgments flipped, 10% ties.
+    judgments, truth = ensemble.simulate_judgments(**ensemble.REPORT_DESIGN, flip=0.2, tie=0.1, seed=0)
+    assert len(judgments) == 94_000 and len(next(iter(truth.values()))) == 19
+    taus = ensemble.tau_against_truth(judgments, truth)
+    assert taus["ensemble"] >= 0.9, f"ensemble tau {taus['ensemble']:.4f} < 0.9; all: {taus}"
+    for name in ensemble.METHODS:
+        assert taus["ensemble"] >= taus[name], f"ensemble {taus['ensemble']:.4f} < {name} {taus[name]:.4f}"
+
+
+def test_simulated_judgments_flip_and_tie_at_the_requested_rates():
+    judgments, truth = ensemble.simulate_judgments(20, 19, 1000, flip=0.2, tie=0.1, seed=1)
+    ties = sum(j["winner"] == "tie" for j in judgments) / len(judgments)
+    wrong = [truth[j["question_id"]].index(j["model_" + j["winner"]]) >
+             truth[j["question_id"]].index(j["model_" + ("b" if j["winner"] == "a" else "a")])
+             for j in judgments if j["winner"] != "tie"]
+    assert abs(ties - 0.1) < 0.01 and abs(np.mean(wrong) - 0.2) < 0.01, f"ties {ties:.3f}, flips {np.mean(wrong):.3f}"
+
+
+# ----------------------------------------------------------------------------- variants
+
+def test_sample_variants_gives_k_distinct_ranks_one_from_each_bin():
+    order = [f"m{i:02d}" for i in range(19)]
+    for variant in ensemble.sample_variants(order, 4, 5, seed=0, key="q1"):
+        assert sorted(r for _, r in variant) == [1, 2, 3, 4], variant
+        positions = [order.index(m) for m, _ in sorted(variant, key=lambda x: x[1])]
+        bins = [p * 4 // 19 for p in positions]  # array_split bins of 19 into 5, 5, 5, 4
+        assert positions == sorted(positions) and len(set(bins)) == 4, f"positions {positions}"
+
+
+def test_sample_variants_is_deterministic_per_seed():
+    order = list(range(19))
+    a = ensemble.sample_variants(order, 4, 3, seed=7, key="q1")
+    b = ensemble.sample_variants(order, 4, 3, seed=7, key="q1")
+    c = ensemble.sample_variants(order, 4, 3, seed=8, key="q1")
+    assert a == b and a != c, f"seed 7 twice: {a} / {b}; seed 8: {c}"
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_inputs(tmp_path, n_questions=3):
+    judgments, truth = ensemble.simulate_judgments(n_questions, 6, 60, flip=0.1, tie=0.1, seed=2)
+    jpath, qpath = tmp_path / "judgments.jsonl", tmp_path / "questions.jsonl"
+    jpath.write_text("".join(json.dumps(dict(j, annotator="h1")) + "\n" for j in judgments))
+    qpath.write_text("".join(json.dumps({"question_id": q, "prompt": f"prompt {q}", "video": f"v/{q}.mp4",
+                                         "category": "sports", "responses": {m: f"{m} says" for m in order}}) + "\n"
+                             for q, order in truth.items()))
+    return jpath, qpath, truth
+
+
+def test_command_line_writes_valid_mrrm_samples_and_agreement(tmp_path, capsys):
+    jpath, qpath, truth = write_inputs(tmp_path)
+    out = tmp_path / "out.jsonl"
+    rc = ensemble.main([str(jpath), "--questions", str(qpath), "--out", str(out), "--k", "4", "--variants", "2"])
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 0 and len(samples) == 6, f"rc {rc}, {len(samples)} samples, expected 6"
+    problems = [p for i, s in enumerate(samples) for p in convert.validate_sample(s, f"out:{i + 1}")]
+    assert problems == [], problems
+    assert samples[0]["id"] == "q00000-0" and samples[0]["video"] == "v/q00000.mp4"
+    agreement = [json.loads(line) for line in (tmp_path / "out.agreement.jsonl").read_text().splitlines()]
+    assert len(agreement) == 3 and all(0.5 < a["judgments_agree"] <= 1 for a in agreement), agreement
+    assert capsys.readouterr().out.startswith("questions 3 | samples 6 |")
+
+
+def test_a_bad_winner_is_reported_with_file_line_and_field(tmp_path):
+    jpath, qpath, _ = write_inputs(tmp_path)
+    lines = jpath.read_text().splitlines()
+    lines[4] = json.dumps(dict(json.loads(lines[4]), winner="A"))
+    jpath.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        ensemble.build(jpath, qpath, 4, 1, 0)
+    assert str(e.value) == f"{jpath}:5: winner: expected one of a, b, tie, found 'A'", str(e.value)
+
+
+def test_a_judged_model_without_a_response_is_reported(tmp_path):
+    jpath, qpath, _ = write_inputs(tmp_path, n_questions=1)
+    q = json.loads(qpath.read_text())
+    del q["responses"]["m03"]
+    qpath.write_text(json.dumps(q) + "\n")
+    with pytest.raises(ValueError, match=r"judgments.jsonl:\d+: model_[ab]: 'm03' has no response"):
+        ensemble.build(jpath, qpath, 4, 1, 0)
