@@ -25,6 +25,7 @@ reward models, and sequence packing of several prompts into one row.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -219,18 +220,23 @@ class RewardModel(nn.Module):
     def device(self):
         return self.head.fc1.weight.device
 
-    def encode(self, prompt, responses, images=(), videos=(), mode="joint", where=""):
+    def encode_prompt(self, prompt, images=(), videos=()):
+        """The user turn through the processor: (ids (P,), positions (3, P), pixel rows or None,
+        grid_thw or None). Training caches this: it does not depend on the responses or their order."""
+        ids, rows, grids = self.processor.encode_user(images, videos, prompt)
+        ids = torch.tensor(ids)
+        grid = torch.tensor(grids, dtype=torch.long) if grids else None
+        return ids, vlm.rope_positions(ids, grid, self.backbone.cfg), torch.cat(rows) if rows else None, grid
+
+    def encode(self, prompt, responses, images=(), videos=(), mode="joint", where="", encoded_prompt=None):
         """Text, media and responses -> Pack (the prompt's media go through the processor once)."""
         if len(responses) > self.max_responses:
             raise ValueError(f"{where}{len(responses)} responses, more than max_responses={self.max_responses}")
         if not responses:
             raise ValueError(f"{where}no responses to score")
-        ids, rows, grids = self.processor.encode_user(images, videos, prompt)
-        ids = torch.tensor(ids)
-        grid = torch.tensor(grids, dtype=torch.long) if grids else None
-        pos = vlm.rope_positions(ids, grid, self.backbone.cfg)
+        ids, pos, rows, grid = encoded_prompt or self.encode_prompt(prompt, images, videos)
         resp = [self.processor.tokenizer.encode(r) for r in responses]
-        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, torch.cat(rows) if rows else None, grid, where)
+        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, rows, grid, where)
 
     def forward(self, batch):
         """PackedBatch -> scores (B, Nmax); entries where score_valid is False are meaningless."""
@@ -266,27 +272,44 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, model, adapter=None, dtype=torch.float32, device="cpu", **settings):
-        """Backbone folder (Hub layout) + optional trained adapter folder (from `mrrm.py train`)."""
+        """A backbone folder (Hub layout) plus the adapter folder `mrrm.py train` wrote, or one merged
+        folder (`train --export`) that holds head.safetensors and rm_config.json itself."""
         from safetensors.torch import load_file
         backbone = vlm.load_model(model, dtype=dtype, device=device)
         proc = vlm.Processor(model, backbone.cfg)
-        saved = {}
-        if adapter is not None:
-            path = os.path.join(adapter, "rm_config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: not found; --adapter must be a folder written by `mrrm.py train`")
-            with open(path) as f:
-                saved = json.load(f)
-            cfg = saved["lora"]
+        if adapter is None and os.path.isfile(os.path.join(model, "head.safetensors")):
+            head_dir, saved = model, _read_rm_config(model)
+        elif adapter is not None:
+            head_dir, saved = adapter, _read_rm_config(adapter)
+            cfg = saved.get("lora")
+            if cfg is None:
+                raise ValueError(f"{adapter}/rm_config.json: no 'lora' entry; is this a merged export? "
+                                 f"then pass it as the model folder without --adapter")
             lora.inject_lora(backbone, r=cfg["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"],
                              use_rslora=cfg.get("use_rslora", False))
             lora.load_lora(backbone, os.path.join(adapter, "adapter.safetensors"))
+        else:
+            head_dir, saved = None, {}  # a bare backbone: random head, for tests and benchmarks
         keep = {k: saved[k] for k in ("sep_token", "max_len", "max_responses", "head_hidden") if k in saved}
         rm = cls(backbone, proc, **{**keep, **settings})
-        if adapter is not None:
-            head = load_file(os.path.join(adapter, "head.safetensors"))
-            rm.head.load_state_dict(head, strict=True)
+        if head_dir is not None:
+            path = os.path.join(head_dir, "head.safetensors")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: not found")
+            try:
+                rm.head.load_state_dict(load_file(path), strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{path}: does not fit a value head of hidden size "
+                                 f"{rm.head.fc1.out_features} on a {backbone.cfg.text.hidden_size}-wide backbone: {e}") from None
         return rm.to(device).eval()
+
+
+def _read_rm_config(folder):
+    path = os.path.join(folder, "rm_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; expected a folder written by `mrrm.py train`")
+    with open(path) as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -393,3 +416,681 @@ def validate_sample(obj, where):
     return problems
 
 
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON only (no pickle), written to a temp folder and renamed, so a run
+# killed mid-save leaves the previous checkpoint and the `latest` pointer intact.
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Every random stream training draws from, as safetensors-ready tensors + JSON."""
+    import random
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, state, gauss = random.getstate()
+    return tensors, {"python": [version, list(state), gauss]}
+
+
+def set_rng_state(tensors, info):
+    import random
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))])
+    version, state, gauss = info["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(out, step, named_params, optimizer, state, keep=0):
+    """out/checkpoint-{step:06d}/ with the trainable tensors, the optimizer's state (tensors in
+    safetensors, hyperparameters in JSON), the RNG streams and `state` (a JSON dict: scheduler,
+    data position, settings). Keeps the newest `keep` checkpoints (0: all). Returns the folder."""
+    from safetensors.torch import save_file
+    final = os.path.join(out, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in named_params.items()}, os.path.join(tmp, "trainable.safetensors"))
+    opt = optimizer.state_dict()
+    save_file({f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()},
+              os.path.join(tmp, "optimizer.safetensors"))
+    rng_tensors, rng_info = rng_state()
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "param_groups": opt["param_groups"], "rng": rng_info, **state}, f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_json(os.path.join(out, "latest.json"), {"checkpoint": os.path.basename(final), "step": step})
+    if keep:  # only once the new one is in place and pointed at
+        done = sorted(n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n))
+        for name in done[:-keep]:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out):
+    """The folder `out/latest.json` points at, or None when the run has none."""
+    path = os.path.join(out, "latest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        folder = os.path.join(out, json.load(f)["checkpoint"])
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} points at {folder}, which does not exist")
+    return folder
+
+
+def load_checkpoint(folder, named_params, optimizer):
+    """Restore parameters, optimizer and RNG streams in place; returns the saved state dict."""
+    from safetensors.torch import load_file
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{folder}: checkpoint is missing {name}")
+    saved = load_file(os.path.join(folder, "trainable.safetensors"))
+    if set(saved) != set(named_params):
+        missing, extra = sorted(set(named_params) - set(saved)), sorted(set(saved) - set(named_params))
+        raise ValueError(f"{folder}: checkpoint does not match the model being trained; missing {missing[:5]}, "
+                         f"unexpected {extra[:5]} (different LoRA targets or head size?)")
+    with torch.no_grad():
+        for k, p in named_params.items():
+            p.copy_(saved[k])
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    dev = next(iter(named_params.values())).device
+    opt = {}
+    for key, v in load_file(os.path.join(folder, "optimizer.safetensors")).items():
+        i, k = key.split(".", 1)
+        opt.setdefault(int(i), {})[k] = v if k == "step" else v.to(dev)
+    optimizer.load_state_dict({"state": opt, "param_groups": state.pop("param_groups")})
+    set_rng_state(load_file(os.path.join(folder, "rng.safetensors")), state.pop("rng"))
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Samples: validated records with their media paths resolved
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str
+    responses: list
+    rankings: list
+    images: list  # absolute paths
+    videos: list  # each a video file, a folder of frames, or a list of frame paths
+    category: str
+    where: str  # "file:line", for every later error about this sample
+    pair: int = None
+
+
+def _resolve(p, base):
+    return p if os.path.isabs(p) else os.path.join(base, p)
+
+
+def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
+    """Every record of a JSONL (or JSON list) file as a Sample. Each bad line is reported as
+    'file:line: field: what is wrong'; any bad line stops here (before training starts) unless
+    skip_bad, which skips and counts them. Media paths are relative to the file's folder unless
+    absolute or image_root is given; each must exist."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    base = image_root or os.path.dirname(os.path.abspath(path))
+    errors, samples, bad = [], [], 0
+    for line, obj in read_records(path, errors):
+        where = f"{path}:{line}"
+        problems = validate_sample(obj, where)
+        images, videos = [], []
+        if not problems:
+            if max_responses and len(obj["responses"]) > max_responses:
+                problems.append(f"{where}: responses: {len(obj['responses'])} responses, more than "
+                                f"max_responses={max_responses}")
+            img = obj.get("image", [])
+            images = [_resolve(p, base) for p in ([img] if isinstance(img, str) else img)]
+            problems += [f"{where}: image: {p}: file not found" for p in images if not os.path.isfile(p)]
+            vid = obj.get("video")
+            if isinstance(vid, str):
+                videos = [_resolve(vid, base)]
+                problems += [f"{where}: video: {videos[0]}: not found" for _ in [0] if not os.path.exists(videos[0])]
+            elif isinstance(vid, list):
+                videos = [[_resolve(p, base) for p in vid]]
+                problems += [f"{where}: video: frame {p}: file not found" for p in videos[0] if not os.path.isfile(p)]
+        if problems:
+            errors += problems
+            bad += 1
+            continue
+        samples.append(Sample(str(obj.get("id", f"{os.path.basename(path)}:{line}")), obj["prompt"], obj["responses"],
+                              obj["rankings"], images, videos, obj.get("category", ""), where, obj.get("pair")))
+    bad += sum(1 for e in errors if ": malformed JSON:" in e)
+    if errors and not skip_bad:
+        shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise ValueError(f"{path}: {bad} bad record(s); fix them or pass --skip-bad to skip them:\n  {shown}")
+    if errors:
+        print(f"{path}: skipped {bad} bad record(s) (--skip-bad); first: {errors[0]}", file=sys.stderr)
+    if not samples:
+        raise ValueError(f"{path}: no usable samples")
+    return samples
+
+
+def open_images(sample):
+    from PIL import Image
+    out = []
+    for p in sample.images:
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"{sample.where}: image: {p}: cannot be read as an image ({e})") from None
+    return out
+
+
+class PromptCache:
+    """Encoded prompts (ids, positions, pixel rows, grid) by sample, up to a byte budget: a sample's
+    prompt is processed once however often its responses are reshuffled."""
+
+    def __init__(self, rm, budget_bytes):
+        self.rm, self.budget, self.used, self.store = rm, budget_bytes, 0, {}
+
+    def __call__(self, s):
+        if s.where in self.store:
+            return self.store[s.where]
+        enc = self.rm.encode_prompt(s.prompt, open_images(s), s.videos)
+        size = sum(t.numel() * t.element_size() for t in enc if t is not None)
+        if self.used + size <= self.budget:
+            self.store[s.where], self.used = enc, self.used + size
+        return enc
+
+
+def encode_sample(rm, s, order, mode, cache):
+    """Sample with its responses in `order` -> (Pack, ranks (N,))."""
+    return (rm.encode(s.prompt, [s.responses[i] for i in order], mode=mode, where=f"{s.where}: ",
+                      encoded_prompt=cache(s)), torch.tensor([s.rankings[i] for i in order]))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: best-of-N, pairwise, Kendall tau-b, exact ranking; each benchmark's own rule
+
+
+def sample_metrics(scores, ranks):
+    """One sample's metrics. Rank 1 = best, ties allowed. Equal scores never count as a win."""
+    n = len(scores)
+    top = max(scores)
+    best = all(r == min(ranks) for s, r in zip(scores, ranks) if s == top)  # ties for best are all correct
+    right = pairs = conc = disc = tie_s = tie_r = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            ds, dr = scores[i] - scores[j], ranks[j] - ranks[i]  # dr > 0: i is better
+            tie_s += ds == 0
+            tie_r += dr == 0
+            if dr:
+                pairs += 1
+                right += ds * dr > 0
+            conc += ds * dr > 0
+            disc += ds * dr < 0
+    n0 = n * (n - 1) / 2
+    denom = math.sqrt((n0 - tie_s) * (n0 - tie_r))
+    return {"best": float(best), "pairs": pairs, "pairs_right": right,
+            "tau": (conc - disc) / denom if denom else float("nan"), "exact": float(right == pairs)}
+
+
+def summarize(rows):
+    """Rows of sample_metrics (+ 'category') -> overall and per-category figures."""
+    def agg(rs):
+        taus = [r["tau"] for r in rs if not math.isnan(r["tau"])]
+        pairs = sum(r["pairs"] for r in rs)
+        return {"n": len(rs), "best_of_n": sum(r["best"] for r in rs) / len(rs),
+                "pairwise": sum(r["pairs_right"] for r in rs) / pairs if pairs else float("nan"),
+                "kendall_tau": sum(taus) / len(taus) if taus else float("nan"),
+                "exact_ranking": sum(r["exact"] for r in rs) / len(rs)}
+    out = agg(rows)
+    cats = sorted({r["category"] for r in rows if r["category"]})
+    if cats:
+        out["per_category"] = {c: agg([r for r in rows if r["category"] == c]) for c in cats}
+    return out
+
+
+PROTOCOLS = ("default", "vlrewardbench", "mmrewardbench", "mmrlhf", "mr2bench")
+
+
+def protocol_report(name, rows):
+    """Each benchmark the way its authors report it. Pairwise benchmarks are N = 2 samples, so a
+    sample's `best` is its accuracy (equal scores count as wrong, as MM-RLHF asks)."""
+    if name == "default":
+        return summarize(rows)
+    if name in ("vlrewardbench", "mmrewardbench"):
+        cats = sorted({r["category"] for r in rows})
+        per = {c: sum(r["best"] for r in rows if r["category"] == c) / sum(r["category"] == c for r in rows) for c in cats}
+        out = {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows), "per_category": per}
+        if name == "vlrewardbench":
+            out["macro_average"] = sum(per.values()) / len(per)
+        return out
+    if name == "mmrlhf":
+        by_id = {}
+        for r in rows:
+            by_id.setdefault(r["id"], []).append(r["best"])
+        return {"n": len(rows), "accuracy": sum(r["best"] for r in rows) / len(rows),
+                "acc_plus": sum(all(v) for v in by_id.values()) / len(by_id), "n_ids": len(by_id)}
+    if name == "mr2bench":
+        return {"n": len(rows), "best_of_4": sum(r["best"] for r in rows) / len(rows), **{
+            k: v for k, v in summarize(rows).items() if k in ("pairwise", "kendall_tau", "per_category")}}
+    raise ValueError(f"unknown protocol {name!r}; choose from {PROTOCOLS}")
+
+
+def shifts(n, orders):
+    """`orders` cyclic shifts of n responses, spread evenly (orders=2, n=2: both orders)."""
+    k = max(1, min(orders, n))
+    return [[(i + round(j * n / k)) % n for i in range(n)] for j in range(k)]
+
+
+@torch.no_grad()
+def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, autocast=None):
+    """Score every sample (averaged over `orders` cyclic shifts) -> (rows, scores per sample)."""
+    was_training = rm.training
+    rm.eval()
+    cache = cache or PromptCache(rm, 0)
+    jobs = [(i, order) for i, s in enumerate(samples) for order in shifts(len(s.responses), orders)]
+    sums = [[0.0] * len(s.responses) for s in samples]
+    counts = [0] * len(samples)
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b:b + batch_size]
+        packs = [encode_sample(rm, samples[i], order, mode, cache)[0] for i, order in chunk]
+        with autocast or contextlib.nullcontext():
+            scores = rm(collate(packs, mode)).float().cpu()
+        for (i, order), sc in zip(chunk, scores):
+            for pos, orig in enumerate(order):
+                sums[i][orig] += float(sc[pos])
+            counts[i] += 1
+    rm.train(was_training)
+    out_scores = [[v / counts[i] for v in row] for i, row in enumerate(sums)]
+    rows = [{**sample_metrics(sc, s.rankings), "category": s.category, "id": s.id}
+            for sc, s in zip(out_scores, samples)]
+    return rows, out_scores
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+SHAPEWORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_MODEL = os.path.join(SHAPEWORLD, "shapeworld-backbone")
+DEFAULT_TRAIN = os.path.join(SHAPEWORLD, "shapeworld", "train.jsonl")
+DEFAULT_HELDOUT = os.path.join(SHAPEWORLD, "shapeworld", "heldout.jsonl")
+DEFAULT_OUT = "runs/rm"
+# settings that must not change between a run and its --resume (the rest, e.g. logging, may)
+RESUME_KEYS = ("model", "train", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "head_hidden",
+               "loss", "mode", "max_responses", "max_len", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay",
+               "batch_size", "micro_batch", "epochs", "steps", "clip", "seed", "sep_token")
+
+
+def ensure_shapeworld(path):
+    """The default data is generated on first use (deterministic, about 2 s)."""
+    if path in (DEFAULT_TRAIN, DEFAULT_HELDOUT) and not os.path.isfile(path):
+        from data import shapeworld
+        print(f"generating the shape-world data in {os.path.dirname(path)} ...")
+        shapeworld.main(["--out", os.path.dirname(path)])
+
+
+def lr_at(step, total, base, warmup, decay="cosine", min_ratio=0.0):
+    """Linear warmup over `warmup` steps, then linear or cosine decay to min_ratio * base at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    if decay == "linear":
+        scale = 1 - frac
+    elif decay == "cosine":
+        scale = 0.5 * (1 + math.cos(math.pi * frac))
+    else:
+        scale = 1.0
+    return base * (min_ratio + (1 - min_ratio) * scale)
+
+
+def sample_order(n_samples, use, seed):
+    """The `use`-th sample drawn by training, and the order of its responses: a fresh permutation of
+    the data every epoch, a fresh response order every use (position-bias augmentation). Both are
+    derived from (seed, use), so a resumed run draws exactly what the uninterrupted run would."""
+    epoch, i = divmod(use, n_samples)
+    perm = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return int(perm[i]), torch.Generator().manual_seed(seed * 7_919 + 2**40 + use)
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_rm(args, device):
+    """Backbone (bf16 on CUDA, fp32 on CPU) + LoRA (fp32) + value head (fp32)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    backbone = vlm.load_model(args.model, dtype=dtype, device=device)
+    proc = vlm.Processor(args.model, backbone.cfg)
+    torch.manual_seed(args.seed)  # LoRA A and the head start the same every time
+    rm = RewardModel(backbone, proc, args.head_hidden, args.sep_token, args.max_len, args.max_responses)
+    lora.inject_lora(backbone, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     targets=args.lora_targets, use_rslora=args.rslora)
+    backbone.grad_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.startswith("cuda")
+    return rm.to(device)
+
+
+def _log(out, record):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(out, step):
+    """On resume, forget what the interrupted run logged after its last checkpoint."""
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [l for l in f if json.loads(l).get("step", 0) <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+def export(rm, out, model_folder, settings):
+    """out/peft: the adapter in PEFT's format; out/merged: base + LoRA merged, a Hub-layout checkpoint
+    that our loader and transformers both read, with the value head beside it. Merges in place, so
+    this is the last thing a run does."""
+    lora.export_peft(rm.backbone, os.path.join(out, "peft"), base_model_name_or_path=os.path.abspath(model_folder))
+    merged = os.path.join(out, "merged")
+    lora.strip_lora(rm.backbone)
+    vlm.save_model(rm.backbone, merged)
+    for name in os.listdir(model_folder):  # tokenizer and processor files; config and weights are new
+        if name.endswith((".json", ".txt", ".jinja")) and name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(os.path.join(model_folder, name), os.path.join(merged, name))
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()},
+              os.path.join(merged, "head.safetensors"))
+    _write_json(os.path.join(merged, "rm_config.json"), {**rm.settings(), **settings})
+    return merged
+
+
+def train(args):
+    device = pick_device(args.device)
+    for path in (args.train, args.heldout):
+        if path:
+            ensure_shapeworld(path)
+    samples = load_samples(args.train, args.image_root, args.skip_bad, args.max_responses)
+    heldout = load_samples(args.heldout, args.image_root, args.skip_bad, args.max_responses) if args.heldout else []
+    if args.eval_samples:
+        heldout = heldout[:args.eval_samples]
+    if args.batch_size % args.micro_batch:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
+    accum = args.batch_size // args.micro_batch
+    total = args.steps or math.ceil(args.epochs * len(samples) / args.batch_size)
+    warmup = args.warmup if args.warmup >= 1 else int(args.warmup * total)
+    os.makedirs(args.out, exist_ok=True)
+
+    rm = build_rm(args, device)
+    rm.train()
+    params = {n: p for n, p in rm.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    step = 0
+    if args.resume:
+        folder = latest_checkpoint(args.out)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: {args.out} has no checkpoint (no latest.json)")
+        state = load_checkpoint(folder, params, opt)
+        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
+                   if json.dumps(state["settings"].get(k)) != json.dumps(v)}
+        if changed:
+            raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
+        step = state["step"]
+        _trim_metrics(args.out, step)
+        print(f"resumed from {folder} at step {step}")
+    else:
+        torch.manual_seed(args.seed)
+        if os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
+            os.remove(os.path.join(args.out, "metrics.jsonl"))
+    trainable, count = lora.count_parameters(rm)
+    print(f"{len(samples)} train / {len(heldout)} held-out samples | {total} steps of {args.batch_size} "
+          f"({accum} x {args.micro_batch}) | mode {args.mode} | loss {args.loss} | {device} | "
+          f"trainable {trainable:,} of {count:,} parameters")
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    cache = PromptCache(rm, int(args.cache_gb * 2**30))
+    loss_fn = LOSSES[args.loss]
+    stop = min(total, args.stop_at or total)
+    t0, tokens, window = time.time(), 0, []
+    steps_timed, time_timed = 0, 0.0
+    lr_now = args.lr
+    while step < stop:
+        t_step = time.time()
+        lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        for micro in range(accum):
+            first = step * args.batch_size + micro * args.micro_batch
+            packs, ranks, ids = [], [], []
+            for use in range(first, first + args.micro_batch):
+                i, gen = sample_order(len(samples), use, args.seed)
+                s = samples[i]
+                order = torch.randperm(len(s.responses), generator=gen).tolist()
+                p, r = encode_sample(rm, s, order, args.mode, cache)
+                packs.append(p), ranks.append(r), ids.append(s.id)
+            batch = collate(packs, args.mode)
+            rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
+            with autocast:
+                scores = rm(batch)
+            loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping. "
+                                   f"Last checkpoint: {latest_checkpoint(args.out)}")
+            (loss / accum).backward()
+            window.append(m)
+            tokens += sum(len(p.input_ids) for p in packs)
+        norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip) if args.clip else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
+        if step % args.log_every == 0 or step == stop:
+            elapsed = time.time() - t0
+            loss_avg = sum(m["loss"] for m in window) / len(window)
+            acc_avg = sum(m["acc"] for m in window) / len(window)
+            eta = time_timed / steps_timed * (stop - step)
+            print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
+                  f"tok/s {tokens / elapsed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
+            _log(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
+                            "tokens_per_s": tokens / elapsed, "time": elapsed})
+            window = []
+        if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
+            rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast)
+            res = summarize(rows)
+            print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
+                  f"tau {res['kendall_tau']:.3f}", flush=True)
+            _log(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
+        if args.save_every and step % args.save_every == 0 or step == stop:
+            save_checkpoint(args.out, step, params, opt, {"settings": settings}, args.keep_checkpoints)
+
+    extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
+                      "use_rslora": args.rslora}, "base_model": os.path.abspath(args.model), "mode": args.mode,
+             "steps": step}
+    rm.save(args.out, extra)
+    result = None
+    if heldout:
+        rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast)
+        result = summarize(rows)
+        print(f"held-out ({len(heldout)} samples): best-of-N {result['best_of_n']:.3f} | pairwise "
+              f"{result['pairwise']:.3f} | Kendall tau {result['kendall_tau']:.3f} | exact ranking "
+              f"{result['exact_ranking']:.3f} (chance best-of-N ~ {sum(1 / len(s.responses) for s in heldout) / len(heldout):.2f})")
+        _log(args.out, {"step": step, "eval": {k: v for k, v in result.items() if k != "per_category"}, "final": True})
+    if step < total:
+        print(f"stopped at step {step} of {total} (--stop-at); continue with --resume")
+    elif args.export:
+        print(f"merged export: {export(rm, args.out, args.model, {'mode': args.mode})}; PEFT adapter: {args.out}/peft")
+    print(f"done in {time.time() - t0:.0f}s; reward model in {args.out} "
+          f"(score with: python mrrm.py score --adapter {args.out} ...)")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Command line: train | eval | score | bench
+
+
+def load_trained(args, device):
+    """--model + --adapter (a `train` output folder), or a merged export as --model with --adapter ''."""
+    adapter = args.adapter or None
+    if adapter and not os.path.isfile(os.path.join(adapter, "rm_config.json")):
+        if adapter == DEFAULT_OUT and os.path.isfile(os.path.join(args.model, "head.safetensors")):
+            adapter = None  # no default run, but --model is a merged export: use it as is
+        elif adapter == DEFAULT_OUT:
+            raise FileNotFoundError(f"{adapter}: no trained reward model here; run `python mrrm.py train` first")
+        else:
+            raise FileNotFoundError(f"{adapter}/rm_config.json: not found; --adapter must be a folder written by "
+                                    f"`mrrm.py train`")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return RewardModel.load(args.model, adapter=adapter, dtype=dtype, device=device)
+
+
+def evaluate_cmd(args):
+    device = pick_device(args.device)
+    ensure_shapeworld(args.data)
+    rm = load_trained(args, device)
+    samples = load_samples(args.data, args.image_root, args.skip_bad, rm.max_responses)
+    saved = _read_rm_config(args.adapter) if args.adapter and os.path.isfile(os.path.join(args.adapter, "rm_config.json")) else {}
+    mode = args.mode or saved.get("mode", "joint")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
+    t0 = time.time()
+    rows, scores = evaluate(rm, samples, mode, args.orders, args.batch_size, autocast=autocast)
+    report = protocol_report(args.protocol, rows)
+    print(f"{args.data}: {len(samples)} samples, mode {mode}, {args.orders} order(s), protocol {args.protocol}, "
+          f"{time.time() - t0:.1f}s")
+    _print_report(report)
+    if args.predictions:
+        os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
+        with open(args.predictions, "w") as f:
+            for s, sc, row in zip(samples, scores, rows):
+                ranking = [1 + sorted(range(len(sc)), key=lambda j: -sc[j]).index(i) for i in range(len(sc))]
+                f.write(json.dumps({"id": s.id, "category": s.category, "scores": sc, "predicted_rankings": ranking,
+                                    "rankings": s.rankings, "best_correct": bool(row["best"])}) + "\n")
+        print(f"predictions: {args.predictions}")
+    return report
+
+
+def _print_report(report, indent=""):
+    for k, v in report.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_report(v, indent + "  ")
+        else:
+            print(f"{indent}{k:<16} {v:.4f}" if isinstance(v, float) else f"{indent}{k:<16} {v}")
+
+
+def score_cmd(args):
+    from PIL import Image
+    device = pick_device(args.device)
+    rm = load_trained(args, device)
+    images = []
+    for p in args.image:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"--image {p}: file not found")
+        images.append(Image.open(p).convert("RGB"))
+    scores = rm.score(images=images, prompt=args.prompt, responses=args.responses, mode=args.mode,
+                      videos=args.video)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    print(f"{'rank':>4}  {'score':>8}  response")
+    for rank, i in enumerate(order, 1):
+        print(f"{rank:>4}  {scores[i]:>8.4f}  {args.responses[i]}")
+    return scores
+
+
+def _targets(text):
+    return {"lm": list(lora.DEFAULT_TARGETS), "lm+vision": list(lora.DEFAULT_TARGETS + lora.VISION_TARGETS)}.get(text, [text])
+
+
+def parser():
+    ap = argparse.ArgumentParser(description="mrrm: multi-response reward models on Qwen3-VL (YOJO)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train LoRA + value head (defaults: the shape-world demo on CPU)")
+    t.add_argument("--model", default=DEFAULT_MODEL, help="backbone folder in the Hub layout")
+    t.add_argument("--train", default=DEFAULT_TRAIN, help="JSONL: prompt, responses, rankings, image/video")
+    t.add_argument("--heldout", default=DEFAULT_HELDOUT, help="JSONL for periodic and final evaluation ('' for none)")
+    t.add_argument("--image-root", default=None, help="media paths are relative to this (default: each file's folder)")
+    t.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    t.add_argument("--out", default=DEFAULT_OUT)
+    t.add_argument("--mode", choices=MODES, default="joint")
+    t.add_argument("--loss", choices=sorted(LOSSES), default="ce")
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=float, default=32)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", type=_targets, default=_targets("lm"),
+                   help="'lm' (language-model projections), 'lm+vision', or one regex on module names")
+    t.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    t.add_argument("--head-hidden", type=int, default=1024)
+    t.add_argument("--sep-token", default="<|im_end|>")
+    t.add_argument("--max-responses", type=int, default=16)
+    t.add_argument("--max-len", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--warmup", type=float, default=0.05, help="steps, or a fraction of all steps when < 1")
+    t.add_argument("--decay", choices=("cosine", "linear", "constant"), default="cosine")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--batch-size", type=int, default=8, help="effective batch (samples per optimizer step)")
+    t.add_argument("--micro-batch", type=int, default=8, help="samples per forward; the rest is gradient accumulation")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; the schedule still spans all steps")
+    t.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    t.add_argument("--grad-checkpointing", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
+                   help="activation checkpointing (default: on for CUDA, off on CPU)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate on --heldout every K steps (0: only at the end)")
+    t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
+    t.add_argument("--eval-batch", type=int, default=16)
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    t.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
+    t.add_argument("--resume", action="store_true", help="continue exactly from --out's latest checkpoint")
+    t.add_argument("--export", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=True,
+                   help="write OUT/merged (Hub layout, base + LoRA merged) and OUT/peft at the end (default: on)")
+    t.add_argument("--cache-gb", type=float, default=1.0, help="memory for encoded prompts (pixels) reused across epochs")
+
+    e = sub.add_parser("eval", help="best-of-N, pairwise, Kendall tau, exact ranking (or a benchmark's own rule)")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--adapter", default=DEFAULT_OUT, help="the folder `train` wrote ('' with a merged --model)")
+    e.add_argument("--data", default=DEFAULT_HELDOUT)
+    e.add_argument("--image-root", default=None)
+    e.add_argument("--skip-bad", action="store_true")
+    e.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
+    e.add_argument("--orders", type=int, default=1, help="average each score over K cyclic shifts of the responses")
+    e.add_argument("--protocol", choices=PROTOCOLS, default="default")
+    e.add_argument("--predictions", default=os.path.join(DEFAULT_OUT, "predictions.jsonl"), help="'' for none")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+
+    s = sub.add_parser("score", help="score N responses to one prompt")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--adapter", default=DEFAULT_OUT)
+    s.add_argument("--image", nargs="*", default=[])
+    s.add_argument("--video", nargs="*", default=[], help="a video file, a folder of frames or a GIF")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--responses", nargs="+", required=True)
+    s.add_argument("--mode", choices=MODES, default="joint")
+    s.add_argument("--device", default="auto")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        return {"train": train, "eval": evaluate_cmd, "score": score_cmd}[args.cmd](args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("MRRM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

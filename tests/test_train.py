@@ -1,0 +1,253 @@
+"""`mrrm.py train | eval | score` on a tiny random checkpoint and a few shape-world samples:
+data validation, exact resume, atomic checkpoints, exports, metrics, and the CLI end to end."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lora
+import mrrm
+import vlm
+from data import shapeworld
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    vlm.write_tiny_checkpoint(str(root / "m"), seed=0, min_pixels=64 * 64, max_pixels=64 * 64)
+    shapeworld.main(["--out", str(root / "d"), "--train", "24", "--heldout", "8", "--seed", "3"])
+    return root
+
+
+def args_for(world, out, *extra):
+    return ["train", "--model", str(world / "m"), "--train", str(world / "d" / "train.jsonl"),
+            "--heldout", str(world / "d" / "heldout.jsonl"), "--out", str(out), "--head-hidden", "32",
+            "--lora-r", "4", "--batch-size", "4", "--micro-batch", "2", "--log-every", "1", *extra]
+
+
+# --- data validation ---------------------------------------------------------
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return str(path)
+
+
+def test_every_bad_line_is_reported_with_file_line_and_field(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    good = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2], "image": "ok.png"}
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        good,
+        '{"prompt": "q", "responses": ["a", "b"]',  # 2: malformed JSON
+        {**good, "rankings": [2, 3]},  # 3: no rank 1
+        {**good, "image": "missing.png"},  # 4: media not found
+        {**good, "responses": ["a"] * 5, "rankings": [1, 2, 3, 4, 5]},  # 5: too many
+        {**good, "prompt": 7},  # 6: wrong type
+    ])
+    with pytest.raises(ValueError) as e:
+        mrrm.load_samples(path, max_responses=4)
+    msg = str(e.value)
+    assert "5 bad record(s)" in msg and "--skip-bad" in msg
+    for where in (":2: malformed JSON", ":3: rankings", ":4: image:", "missing.png", ":5: responses: 5 responses",
+                  ":6: prompt"):
+        assert where in msg, where
+    kept = mrrm.load_samples(path, max_responses=4, skip_bad=True)
+    assert [s.where for s in kept] == [f"{path}:1"]
+    assert kept[0].images == [str(tmp_path / "ok.png")]  # relative to the JSONL's folder
+
+
+def test_image_root_and_absolute_paths(tmp_path):
+    from PIL import Image
+    (tmp_path / "media").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "media" / "x.png")
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 1]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "image": "x.png"}, {**rec, "image": str(tmp_path / "media" / "x.png")}])
+    s = mrrm.load_samples(path, image_root=str(tmp_path / "media"))
+    assert [x.images for x in s] == [[str(tmp_path / "media" / "x.png")]] * 2
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        mrrm.load_samples(str(tmp_path / "nope.jsonl"))
+
+
+def test_bad_data_stops_the_cli_before_training(world, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": 1}'])
+    with pytest.raises(SystemExit):
+        mrrm.main(args_for(world, tmp_path / "out", "--steps", "1") + ["--train", bad])
+    assert f"{bad}:1:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+# --- metrics ------------------------------------------------------------------
+
+
+def kendall_tau_b(x, y):
+    """Textbook tau-b, written independently of mrrm.sample_metrics."""
+    n = len(x)
+    pairs = [(np.sign(x[i] - x[j]), np.sign(y[i] - y[j])) for i in range(n) for j in range(i + 1, n)]
+    c = sum(a * b > 0 for a, b in pairs)
+    d = sum(a * b < 0 for a, b in pairs)
+    n0 = len(pairs)
+    return (c - d) / math.sqrt((n0 - sum(a == 0 for a, _ in pairs)) * (n0 - sum(b == 0 for _, b in pairs)))
+
+
+def test_sample_metrics_match_hand_counts_and_tau_b():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(2, 7))
+        ranks = [int(r) for r in rng.integers(1, n + 1, n)]
+        ranks = [r - min(ranks) + 1 for r in ranks]
+        scores = [float(s) for s in rng.integers(0, 4, n)]  # many score ties
+        m = mrrm.sample_metrics(scores, ranks)
+        pairs = [(i, j) for i in range(n) for j in range(n) if ranks[i] < ranks[j]]
+        assert m["pairs"] == len(pairs) and m["pairs_right"] == sum(scores[i] > scores[j] for i, j in pairs)
+        top = [i for i in range(n) if scores[i] == max(scores)]
+        assert m["best"] == float(all(ranks[i] == 1 for i in top))
+        if len(set(ranks)) > 1 and len(set(scores)) > 1:
+            assert m["tau"] == pytest.approx(kendall_tau_b(scores, [-r for r in ranks]))
+
+
+def test_ties_for_best_are_correct_and_equal_scores_are_not():
+    assert mrrm.sample_metrics([0.5, 0.9, 0.1], [1, 1, 2])["best"] == 1.0
+    assert mrrm.sample_metrics([0.9, 0.9, 0.1], [1, 2, 3])["best"] == 0.0
+    assert mrrm.sample_metrics([0.3, 0.3], [1, 2])["pairs_right"] == 0
+
+
+def test_protocols_follow_each_benchmarks_rule():
+    rows = [{"best": b, "category": c, "id": i} for b, c, i in
+            [(1.0, "a", "x"), (0.0, "a", "x"), (1.0, "b", "y"), (1.0, "b", "z")]]
+    vl = mrrm.protocol_report("vlrewardbench", rows)
+    assert vl["overall_accuracy"] == 0.75 and vl["macro_average"] == 0.75 and vl["per_category"] == {"a": 0.5, "b": 1.0}
+    mm = mrrm.protocol_report("mmrlhf", rows)
+    assert mm["accuracy"] == 0.75 and mm["acc_plus"] == pytest.approx(2 / 3)  # id x has a wrong pair
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [mrrm.lr_at(s, 100, 1.0, 10, "cosine", 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert mrrm.lr_at(55, 100, 1.0, 10, "linear") == pytest.approx(0.5)
+
+
+def test_every_use_of_a_sample_gets_its_own_response_order():
+    orders = {tuple(torch.randperm(4, generator=mrrm.sample_order(3, u, 0)[1]).tolist()) for u in range(24)}
+    assert len(orders) > 8
+    epoch = sorted(mrrm.sample_order(5, u, 0)[0] for u in range(5, 10))
+    assert epoch == [0, 1, 2, 3, 4]  # each epoch is a permutation
+
+
+# --- training, resume, checkpoints --------------------------------------------
+
+
+def trainable(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(mrrm.latest_checkpoint(str(out)), "trainable.safetensors"))
+
+
+def test_resume_equals_an_uninterrupted_run(world, tmp_path):
+    # dropout > 0 so resume must also restore the RNG stream, not only parameters and optimizer
+    common = ["--steps", "6", "--lora-dropout", "0.1", "--heldout", "", "--export", "off"]
+    mrrm.main(args_for(world, tmp_path / "full", *common))
+    mrrm.main(args_for(world, tmp_path / "split", *common, "--stop-at", "3"))
+    assert json.loads((tmp_path / "split" / "latest.json").read_text())["step"] == 3
+    mrrm.main(args_for(world, tmp_path / "split", *common, "--resume"))
+    a, b = trainable(tmp_path / "full"), trainable(tmp_path / "split")
+    assert set(a) == set(b) and any("lora_B" in k for k in a) and any("head." in k for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_changed_settings(world, tmp_path, capsys):
+    mrrm.main(args_for(world, tmp_path / "r", "--steps", "2", "--stop-at", "1", "--heldout", ""))
+    with pytest.raises(SystemExit):
+        mrrm.main(args_for(world, tmp_path / "r", "--steps", "2", "--heldout", "", "--lr", "1", "--resume"))
+    assert "lr" in capsys.readouterr().err
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint_loadable(world, tmp_path, monkeypatch):
+    import safetensors.torch
+    real, calls = safetensors.torch.save_file, []
+
+    def dying(tensors, path, *a, **k):
+        calls.append(path)
+        if "checkpoint-000002" in path and path.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt("killed mid-save")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        mrrm.main(args_for(world, tmp_path / "k", "--steps", "3", "--save-every", "1", "--heldout", ""))
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert mrrm.latest_checkpoint(str(tmp_path / "k")).endswith("checkpoint-000001")
+    assert not (tmp_path / "k" / "checkpoint-000002").exists()  # only the .tmp folder, never the final name
+    mrrm.main(args_for(world, tmp_path / "k", "--steps", "3", "--save-every", "1", "--heldout", "", "--resume"))
+    assert json.loads((tmp_path / "k" / "latest.json").read_text())["step"] == 3
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(world, tmp_path, monkeypatch, capsys):
+    def nan_loss(scores, ranks, valid):
+        loss = scores.sum() * float("nan")
+        return loss, {"loss": float("nan"), "acc": 0.0}
+    monkeypatch.setitem(mrrm.LOSSES, "ce", nan_loss)
+    with pytest.raises(RuntimeError, match=r"step 1: loss is nan on samples \['sw-"):
+        mrrm.main(args_for(world, tmp_path / "n", "--steps", "2", "--heldout", ""))
+
+
+def test_train_eval_score_and_exports_agree(world, tmp_path, capsys):
+    out = tmp_path / "rm"
+    mrrm.main(args_for(world, out, "--steps", "4", "--lr", "1e-2"))
+    log = capsys.readouterr().out
+    assert "step 4/4 | loss" in log and "| tok/s" in log and "| ETA" in log and "held-out (8 samples)" in log
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4] and metrics[-1]["final"]
+    heldout = str(world / "d" / "heldout.jsonl")
+    pred = tmp_path / "pred.jsonl"
+    report = mrrm.main(["eval", "--model", str(world / "m"), "--adapter", str(out), "--data", heldout,
+                        "--predictions", str(pred)])
+    assert report["best_of_n"] == pytest.approx(metrics[-1]["eval"]["best_of_n"])
+    rows = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert len(rows) == 8 and all(sorted(r["predicted_rankings"]) == [1, 2, 3, 4] for r in rows)
+    # the merged Hub-layout export scores like base + adapter
+    merged = mrrm.main(["eval", "--model", str(out / "merged"), "--adapter", "", "--data", heldout, "--predictions", ""])
+    assert merged["best_of_n"] == report["best_of_n"]
+    sample = mrrm.load_samples(heldout)[0]
+    args = ["score", "--image", *sample.images, "--prompt", sample.prompt, "--responses", *sample.responses]
+    s_adapter = mrrm.main(args + ["--model", str(world / "m"), "--adapter", str(out)])
+    s_merged = mrrm.main(args + ["--model", str(out / "merged"), "--adapter", ""])
+    assert np.allclose(s_adapter, s_merged, atol=1e-5)
+    assert np.allclose(s_adapter, rows[0]["scores"], atol=1e-5)
+    printed = capsys.readouterr().out
+    assert "rank     score  response" in printed and sample.responses[0] in printed
+
+
+def test_merged_export_loads_in_transformers_and_peft_export_in_peft(world, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+    out = tmp_path / "rm"
+    mrrm.main(args_for(world, out, "--steps", "3", "--lr", "5e-2", "--heldout", ""))
+    ours = vlm.load_model(str(out / "merged"))
+    proc = vlm.Processor(str(out / "merged"))
+    sample = mrrm.load_samples(str(world / "d" / "train.jsonl"))[0]
+    b = proc.chat(images=mrrm.open_images(sample), text=sample.prompt)
+    tt = (b.input_ids == proc.cfg.image_token_id).int()
+    with torch.no_grad():
+        want = ours(b.input_ids, b.pixel_values, b.grid_thw, b.position_ids)
+        base = Qwen3VLForConditionalGeneration.from_pretrained(str(world / "m")).eval()
+        assert (base(input_ids=b.input_ids, pixel_values=b.pixel_values, image_grid_thw=b.grid_thw,
+                     mm_token_type_ids=tt).logits - want).abs().max() > 1e-4  # training changed the model
+        ref = Qwen3VLForConditionalGeneration.from_pretrained(str(out / "merged")).eval()
+        got = ref(input_ids=b.input_ids, pixel_values=b.pixel_values, image_grid_thw=b.grid_thw, mm_token_type_ids=tt).logits
+        assert (got - want).abs().max() <= 1e-4
+        peft = PeftModel.from_pretrained(base, str(out / "peft")).eval()
+        got = peft(input_ids=b.input_ids, pixel_values=b.pixel_values, image_grid_thw=b.grid_thw, mm_token_type_ids=tt).logits
+        assert (got - want).abs().max() <= 1e-4
