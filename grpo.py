@@ -1,0 +1,594 @@
+"""
+grpo.py: GRPO (Shao et al. 2024, arXiv 2402.03300) whose group rewards come from ONE multi-response
+reward-model pass ("You Only Judge Once"): the G answers sampled for a prompt are packed into one
+sequence and mrrm.RewardModel scores all of them at once.
+
+One step, top to bottom:
+  1. rollouts   for each of --prompts-per-step prompts, G completions from one prefill (vlm.generate,
+                KV cache copied G times); the sampler's log-probs are kept as the "old" policy's.
+  2. rewards    every group is one packed sequence; all groups go through the reward model in one
+                batched pass. --rm-mode joint is the paper (response i sees 1..i-1), independent is
+                the single-response baseline, computed exactly by a block mask in the same pass.
+  3. advantages (r - group mean) / (group std + eps), or without the std (--no-adv-std, Dr.GRPO).
+  4. update     --iterations (mu) optimizer steps on the batch: clipped importance ratio with
+                eps_low / eps_high (DAPO's clip-higher when they differ), plus beta * k3 KL to the
+                reference = the same weights with the LoRA adapter disabled (no second copy).
+
+Run (the embedded default: shape-world on CPU; needs `python mrrm.py train` first for runs/rm):
+    python grpo.py                                   # joint reward passes, the paper
+    python grpo.py --rm-mode independent --out runs/grpo-indep   # the baseline, all else equal
+    python grpo.py --resume                          # continue runs/grpo from its last checkpoint
+Every --eval-every steps it prints the policy's exact-answer accuracy on held-out shape-world prompts
+(checked against the generator's ground truth by shapeworld.is_correct, not by the reward model),
+sampled at the training temperature and greedy. metrics.jsonl in --out holds every step; the step
+line splits the time into generation / reward / update, and --profile ends the run with the mean
+split and the reward pass timed joint vs independent vs G separate sequences. The reward model is a
+second backbone in memory (its own LoRA and head); the reference model is not.
+
+What it leaves out: micro-batching (a step's sequences go through one forward, fine for the demo,
+not for a 4B policy with long answers), vLLM-style fast rollouts, a learned value baseline (that is
+PPO), reward-model updates during RL, multi-turn rollouts, sequence packing of the policy batch, and
+the vocabulary-chunked log-softmax a 150k vocabulary would want.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import lora
+import mrrm
+import vlm
+from data import shapeworld
+
+AGGREGATIONS = ("token-mean", "sequence-mean", "constant")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "data", "shapeworld-backbone")
+# settings that must not change between a run and its --resume
+RESUME_KEYS = ("model", "rm", "rm_model", "rm_mode", "rm_shuffle", "merge_duplicates", "group_size",
+               "prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "lora_r", "lora_alpha",
+               "lora_dropout", "lr", "warmup", "steps", "iterations", "eps_low", "eps_high", "beta",
+               "aggregation", "adv_std", "mask_truncated", "clip", "seed")
+
+# -----------------------------------------------------------------------------
+# Advantages and the loss: pure functions
+
+
+def group_advantages(rewards, scale=True, eps=1e-4):
+    """rewards (n_groups, G) -> (advantages (n_groups, G), metrics). A group whose rewards are all
+    equal carries no signal: its advantages are 0 and it is counted in zero_std."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True)  # unbiased, as in TRL's GRPOTrainer
+    adv = rewards - mean
+    if scale:
+        adv = adv / (std + eps)
+    zero = std.squeeze(-1) < 1e-6
+    return adv, {"reward_mean": rewards.mean().item(), "reward_std": std.mean().item(),
+                 "zero_std_groups": int(zero.sum()), "zero_std_frac": zero.float().mean().item()}
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0,
+              aggregation="token-mean", max_len=None):
+    """The GRPO objective, to be minimized. Returns (loss, metrics).
+
+    logp (B, L): per-token log-probs of the sampled completion tokens under the policy (with grad);
+    old_logp (B, L): the same under the policy that sampled them; ref_logp (B, L) or None when beta=0;
+    advantages (B,); mask (B, L) bool, True at completion tokens that count (not padding, not a
+    masked-out truncated completion). Values where mask is False never reach the loss.
+    aggregation: token-mean (all valid tokens of the batch weigh the same), sequence-mean (each
+    sequence's mean, then the mean over sequences: the GRPO paper), constant (sum / (B * max_len):
+    Dr.GRPO, no length bias)."""
+    adv = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # pessimistic bound: no gain from moving past the clip
+    kl = None
+    if beta:
+        # k3 (Schulman 2020): unbiased for KL(policy || ref) under samples from the policy, always >= 0
+        d = ref_logp - logp
+        kl = d.exp() - d - 1
+        per_token = per_token + beta * kl
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    per_token = torch.where(mask, per_token, zero)  # where, not *: a NaN or inf at padding stays out
+    n_tokens = mask.sum()
+    if aggregation == "token-mean":
+        loss = per_token.sum() / n_tokens.clamp(min=1)
+    elif aggregation == "sequence-mean":
+        lengths = mask.sum(-1)
+        has = lengths > 0  # a fully masked sequence (truncated, masked out) is not averaged in
+        loss = (per_token.sum(-1)[has] / lengths[has]).sum() / has.sum().clamp(min=1)
+    elif aggregation == "constant":
+        if not max_len:
+            raise ValueError("aggregation 'constant' needs max_len (the completion length limit)")
+        loss = per_token.sum() / (mask.shape[0] * max_len)
+    else:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    with torch.no_grad():
+        n = n_tokens.clamp(min=1)
+        # a token is clipped when the clipped branch is the smaller one and carries no gradient
+        is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        metrics = {"loss": loss.item(), "clip_frac": ((is_clipped & mask).sum() / n).item(),
+                   "ratio": (torch.where(mask, ratio, zero).sum() / n).item(), "tokens": int(n_tokens)}
+        if kl is not None:
+            metrics["kl"] = (torch.where(mask, kl, zero).sum() / n).item()
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# Rollouts, the padded policy batch, log-probs
+
+
+@dataclass
+class Rollouts:
+    """n prompts x G completions as B = n*G right-padded sequences (prompt + completion), one per
+    row, each with its own copy of its prompt's image rows: images travel with every sequence."""
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (3, B, T)
+    mask: torch.Tensor  # (B, T, T) bool
+    pixel_values: torch.Tensor  # (sum of rows, C*T*p*p) or None
+    grid_thw: torch.Tensor  # (B * images per prompt, 3) or None
+    start: torch.Tensor  # (B,) index of the first completion token (= the prompt's length)
+    completion: torch.Tensor  # (B, L) the sampled tokens, 0 after the end
+    completion_mask: torch.Tensor  # (B, L) bool: a real completion token
+    finished: torch.Tensor  # (B,) bool: stopped before the length limit
+    old_logp: torch.Tensor  # (B, L) the sampler's log-probs (0 after the end)
+
+
+def pack_rollouts(prompts, outs, pad_id=0):
+    """prompts: n vlm.Batch (one prompt each); outs: n dicts from vlm.generate -> Rollouts.
+    Completion token j sits at position max(prompt positions) + 1 + j on all three M-RoPE axes,
+    exactly where vlm.generate fed it, so a fresh forward reproduces the sampler's log-probs."""
+    rows = []
+    for prompt, out in zip(prompts, outs):
+        p_ids, p_pos = prompt.input_ids[0], prompt.position_ids[:, 0]  # (P,), (3, P)
+        first = int(p_pos.max()) + 1
+        for toks, done, lps in zip(out["tokens"], out["finished"], out["logprobs"]):
+            n = len(toks)
+            ids = torch.cat([p_ids.cpu(), torch.tensor(toks, dtype=torch.long)])
+            pos = torch.cat([p_pos.cpu(), torch.arange(first, first + n).expand(3, n)], 1)  # (3, P + n)
+            rows.append((ids, pos, len(p_ids), toks, done, lps, prompt))
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    L = max(max(len(r[3]) for r in rows), 1)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    completion = torch.zeros(B, L, dtype=torch.long)
+    completion_mask = torch.zeros(B, L, dtype=torch.bool)
+    old_logp = torch.zeros(B, L)
+    for b, (i, p, start, toks, _, lps, _) in enumerate(rows):
+        ids[b, :len(i)], pos[:, b, :len(i)], valid[b, :len(i)] = i, p, True
+        completion[b, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        completion_mask[b, :len(toks)] = True
+        old_logp[b, :len(toks)] = torch.tensor(lps)
+    index = torch.arange(T).expand(B, T)
+    media = [r[6] for r in rows if r[6].pixel_values is not None]
+    return Rollouts(ids, pos, vlm.attention_mask(index, index, valid),
+                    torch.cat([m.pixel_values.cpu() for m in media]) if media else None,
+                    torch.cat([m.grid_thw.cpu() for m in media]) if media else None,
+                    torch.tensor([r[2] for r in rows]), completion, completion_mask,
+                    torch.tensor([r[4] for r in rows]), old_logp)
+
+
+def token_logprobs(model, r, temperature):
+    """Log-probs (B, L) of the completion tokens under log_softmax(logits / temperature), the
+    sampler's distribution before top-k/top-p, and the per-token entropy (B, L) (no grad)."""
+    d = next(model.parameters()).device
+    pv = None if r.pixel_values is None else r.pixel_values.to(d)
+    grid = None if r.grid_thw is None else r.grid_thw.to(d)
+    h = model(r.input_ids.to(d), pv, grid, r.position_ids.to(d), r.mask.to(d), return_hidden=True)  # (B, T, D)
+    B, T, D = h.shape
+    L = r.completion.shape[1]
+    # the hidden state at t predicts token t + 1: completion token j is read at start + j - 1; only
+    # these rows go through the output projection (a prompt's logits over the vocabulary are never used)
+    at = (r.start.to(d)[:, None] - 1 + torch.arange(L, device=d)).clamp(max=T - 1)  # (B, L)
+    h = h.gather(1, at[..., None].expand(B, L, D))  # (B, L, D)
+    logp_all = (model.logits(h).float() / temperature).log_softmax(-1)  # (B, L, V)
+    logp = logp_all.gather(-1, r.completion.to(d)[..., None]).squeeze(-1)  # (B, L)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def cut_at_media_tokens(out, media_ids):
+    """Cut each completion before its first image/video pad token and mark it unfinished. A full
+    forward takes such a token for an image slot (vlm.generate fed it as text), so the log-prob pass
+    could not reproduce it; a trained model never says one, a random one may. The kept prefix's
+    log-probs are unchanged: each token depends only on the tokens before it."""
+    out = dict(out, tokens=list(out["tokens"]), finished=list(out["finished"]), logprobs=list(out["logprobs"]))
+    for i, toks in enumerate(out["tokens"]):
+        cut = next((j for j, t in enumerate(toks) if t in media_ids), None)
+        if cut is not None:
+            out["tokens"][i], out["logprobs"][i], out["finished"][i] = toks[:cut], out["logprobs"][i][:cut], False
+    return out
+
+
+@torch.no_grad()
+def rollout(policy, proc, samples, args, generator):
+    """G completions for each shape-world sample -> (prompts as vlm.Batch, generate outputs, texts)."""
+    policy.eval()
+    d = next(policy.parameters()).device
+    prompts, outs, texts = [], [], []
+    for s in samples:
+        b = proc.chat(images=[s["image"]], text=s["record"]["prompt"])
+        b = vlm.Batch(b.input_ids.to(d), b.position_ids.to(d), b.pixel_values.to(d), b.grid_thw.to(d))
+        out = vlm.generate(policy, b, args.max_new_tokens, n=args.group_size, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, stop_ids=proc.stop_ids, generator=generator)
+        out = cut_at_media_tokens(out, (policy.cfg.image_token_id, policy.cfg.video_token_id))
+        prompts.append(b), outs.append(out)
+        texts.append([proc.tokenizer.decode(t) for t in out["tokens"]])  # the stop token is special: dropped
+    return prompts, outs, texts
+
+
+# -----------------------------------------------------------------------------
+# Rewards: one multi-response pass per group, all groups batched
+
+
+@torch.no_grad()
+def score_groups(rm, images, questions, texts, mode="joint", orders=None):
+    """texts: n groups of G responses -> rewards (n, G), from ONE batched reward-model forward in
+    which each group is one packed sequence. orders[i], a permutation of range(G), is the order
+    group i's responses are packed in (joint mode sees order); scores come back in the original order."""
+    packs, used = [], []
+    for i, (img, q, group) in enumerate(zip(images, questions, texts)):
+        order = list(orders[i]) if orders is not None else list(range(len(group)))
+        packs.append(rm.encode(q, [group[j] for j in order], images=[img], mode=mode))
+        used.append(order)
+    scores = rm(mrrm.collate(packs, mode)).float().cpu()  # (n, Nmax), packed order
+    rewards = torch.zeros(len(texts), max(len(g) for g in texts))
+    for i, order in enumerate(used):
+        rewards[i, order] = scores[i, :len(order)]
+    return rewards
+
+
+def merge_duplicates(rewards, texts):
+    """Identical responses in a group get the mean of their scores. Joint mode scores a repeated
+    answer differently at each position (it sees different predecessors); once the policy agrees
+    with itself, std normalisation would blow those small differences up into +-1 advantages."""
+    out = rewards.clone()
+    for i, group in enumerate(texts):
+        seen = {}
+        for j, t in enumerate(group):
+            seen.setdefault(t, []).append(j)
+        for idx in seen.values():
+            out[i, idx] = rewards[i, idx].mean()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Prompts and the held-out accuracy
+
+
+def shapeworld_prompts(n, name, seed, exclude=()):
+    """n shape-world samples from a stream seeded by (name, seed), skipping ids in `exclude`."""
+    rng = random.Random(f"grpo:{name}:{seed}")
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        s = shapeworld.make_sample(rng)
+        if s["record"]["id"] not in seen:
+            seen.add(s["record"]["id"])
+            out.append(s)
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(policy, proc, samples, args, autocast):
+    """Exact-answer accuracy against the generator's ground truth: args.eval_samples answers per
+    prompt at the training temperature, and one greedy answer."""
+    policy.eval()
+    d = next(policy.parameters()).device
+    gen = torch.Generator(d).manual_seed(args.seed + 12345)  # the same draws at every evaluation
+    right = {"sampled": [], "greedy": []}
+    per_category = {}
+    for s in samples:
+        b = proc.chat(images=[s["image"]], text=s["record"]["prompt"])
+        b = vlm.Batch(b.input_ids.to(d), b.position_ids.to(d), b.pixel_values.to(d), b.grid_thw.to(d))
+        for kind, n, temp in (("sampled", args.eval_samples, args.temperature), ("greedy", 1, 0.0)):
+            with autocast:
+                out = vlm.generate(policy, b, args.max_new_tokens, n=n, temperature=temp, top_k=args.top_k,
+                                   top_p=args.top_p, stop_ids=proc.stop_ids, generator=gen)
+            ok = [shapeworld.is_correct(s["record"], proc.tokenizer.decode(t)) for t in out["tokens"]]
+            right[kind] += ok
+            if kind == "greedy":
+                per_category.setdefault(s["record"]["category"], []).extend(ok)
+    res = {f"acc_{k}": sum(v) / len(v) for k, v in right.items()}
+    res["acc_greedy_by_category"] = {k: sum(v) / len(v) for k, v in sorted(per_category.items())}
+    return res
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def pick_device(name):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load_models(args, device):
+    """The policy (backbone + fresh LoRA) and the trained reward model, with clear errors."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise FileNotFoundError(f"{args.model}: no policy backbone here (config.json missing); the shape-world "
+                                "demo expects data/shapeworld-backbone (python data/pretrain_backbone.py)")
+    rm_model = args.rm_model or args.model
+    if args.rm and not os.path.isfile(os.path.join(args.rm, "rm_config.json")):
+        raise FileNotFoundError(f"{args.rm}: no trained reward model here (rm_config.json missing); "
+                                "run `python mrrm.py train` first")
+    if not args.rm and not os.path.isfile(os.path.join(rm_model, "head.safetensors")):
+        raise FileNotFoundError(f"{rm_model}: --rm '' needs a merged reward model (`mrrm.py train --export`) "
+                                "with head.safetensors; this folder has none")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    policy = vlm.load_model(args.model, dtype=dtype, device=device)
+    proc = vlm.Processor(args.model, policy.cfg)
+    torch.manual_seed(args.seed)  # LoRA's A matrices start the same every run
+    lora.inject_lora(policy, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    rm = mrrm.RewardModel.load(rm_model, adapter=args.rm or None, dtype=dtype, device=device)
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return policy, proc, rm
+
+
+def _log(out, record):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def update(policy, opt, params, r, advantages, ref_logp, args, autocast):
+    """--iterations optimizer steps on one batch of rollouts -> metrics of each iteration."""
+    policy.train()
+    d = next(policy.parameters()).device
+    mask = r.completion_mask.clone()
+    if args.mask_truncated:
+        mask &= r.finished[:, None]
+    old, mask, adv = r.old_logp.to(d), mask.to(d), advantages.to(d)
+    history = []
+    for it in range(args.iterations):
+        with autocast:
+            logp, entropy = token_logprobs(policy, r, args.temperature)
+        loss, m = grpo_loss(logp, old, ref_logp, adv, mask, args.eps_low, args.eps_high, args.beta,
+                            args.aggregation, args.max_new_tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params.values(), args.clip or float("inf")))
+        opt.step()
+        m["entropy"] = entropy[mask].mean().item() if mask.any() else 0.0
+        if it == 0 and mask.any():
+            # policy == sampler here: the gap is cached decoding vs a full forward (0 in fp32, small in bf16)
+            m["logp_drift"] = (logp.detach() - old).abs()[mask].max().item()
+        history.append(m)
+    return history
+
+
+def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
+    """One GRPO step on a list of shape-world samples: rollouts, one reward pass for all groups,
+    advantages, the reference pass (beta > 0), --iterations updates. Returns (metrics, the groups
+    (images, questions, texts) as scored)."""
+    device = str(next(policy.parameters()).device)
+    gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+    t_start = time.time()
+    with autocast:
+        prompts, outs, texts = rollout(policy, proc, samples, args, gen)
+    sync(device)
+    t_gen = time.time()
+    orders = None
+    if args.rm_shuffle:
+        g = torch.Generator().manual_seed(args.seed * 7_919 + step)
+        orders = [torch.randperm(args.group_size, generator=g).tolist() for _ in samples]
+    images, questions = [s["image"] for s in samples], [s["record"]["prompt"] for s in samples]
+    with autocast:
+        rewards = score_groups(rm, images, questions, texts, args.rm_mode, orders)
+    if args.merge_duplicates:
+        rewards = merge_duplicates(rewards, texts)
+    sync(device)
+    t_rm = time.time()
+    adv, metrics = group_advantages(rewards, args.adv_std)
+    r = pack_rollouts(prompts, outs)
+    ref_logp = None
+    if args.beta:
+        with torch.no_grad(), lora.adapter_disabled(policy), autocast:
+            ref_logp, _ = token_logprobs(policy, r, args.temperature)
+    history = update(policy, opt, params, r, adv.flatten(), ref_logp, args, autocast)
+    sync(device)
+    correct = [shapeworld.is_correct(s["record"], t) for s, group in zip(samples, texts) for t in group]
+    metrics.update(history[-1])
+    metrics.update(loss=history[0]["loss"], logp_drift=history[0].get("logp_drift", 0.0),  # the on-policy pass
+                   train_acc=sum(correct) / len(correct), length=r.completion_mask.sum(-1).float().mean().item(),
+                   truncated=1 - r.finished.float().mean().item(),
+                   t_gen=t_gen - t_start, t_rm=t_rm - t_gen, t_update=time.time() - t_rm)
+    return metrics, (images, questions, texts)
+
+
+def train(args):
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 for training (got {args.temperature}): the loss uses "
+                         "log_softmax(logits / temperature)")
+    if args.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare within a group")
+    policy, proc, rm = load_models(args, device)
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    heldout = shapeworld_prompts(args.eval_prompts, "heldout", args.seed)
+    heldout_ids = {s["record"]["id"] for s in heldout}
+    os.makedirs(args.out, exist_ok=True)
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    step = 0
+    if args.resume:
+        folder = mrrm.latest_checkpoint(args.out)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: {args.out} has no checkpoint (no latest.json)")
+        state = mrrm.load_checkpoint(folder, params, opt)
+        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
+                   if json.dumps(state["settings"].get(k)) != json.dumps(v)}
+        if changed:
+            raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
+        step = state["step"]
+        mrrm._trim_metrics(args.out, step)
+        print(f"resumed from {folder} at step {step}")
+    elif os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
+        os.remove(os.path.join(args.out, "metrics.jsonl"))
+    print(f"policy {args.model} | {lora.parameter_report(policy)}")
+    print(f"reward model {args.rm or args.rm_model} | mode {args.rm_mode} | G {args.group_size} x "
+          f"{args.prompts_per_step} prompts | {args.steps} steps | beta {args.beta} | {device}")
+
+    def evaluate(at):
+        t = time.time()
+        res = heldout_accuracy(policy, proc, heldout, args, autocast)
+        print(f"eval step {at} | held-out acc sampled {res['acc_sampled']:.3f} | greedy {res['acc_greedy']:.3f} | "
+              f"{' '.join(f'{k} {v:.2f}' for k, v in res['acc_greedy_by_category'].items())} | "
+              f"{time.time() - t:.1f}s", flush=True)
+        _log(args.out, {"step": at, "eval": res})
+        return res
+
+    stop = min(args.steps, args.stop_at or args.steps)
+    result = evaluate(step) if args.eval_every and step == 0 and heldout else None
+    t0, window, timed = time.time(), [], []  # timed: (generation, reward, update) seconds per step
+    while step < stop:
+        lr = mrrm.lr_at(step, args.steps, args.lr, args.warmup, "constant")
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # everything a step draws is seeded by (seed, step): a resumed run repeats the uninterrupted one
+        samples = shapeworld_prompts(args.prompts_per_step, f"train:{step}", args.seed, heldout_ids)
+        m, groups = grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast)
+        step += 1
+        m["lr"] = lr
+        window.append(m)
+        timed.append((m["t_gen"], m["t_rm"], m["t_update"]))
+        _log(args.out, {"step": step, **m, "time": time.time() - t0})
+        if step % args.log_every == 0 or step == stop:
+            avg = {k: sum(w[k] for w in window) / len(window)
+                   for k in ("loss", "reward_mean", "reward_std", "zero_std_frac", "train_acc", "clip_frac",
+                             "length", "truncated", "entropy", "t_gen", "t_rm", "t_update")}
+            kl = f"kl {sum(w['kl'] for w in window) / len(window):.4f} | " if args.beta else ""
+            eta = sum(map(sum, timed)) / len(timed) * (stop - step)
+            print(f"step {step}/{args.steps} | loss {avg['loss']:.4f} | reward {avg['reward_mean']:.3f} "
+                  f"std {avg['reward_std']:.3f} | zero-std {avg['zero_std_frac']:.2f} | train-acc {avg['train_acc']:.3f} | "
+                  f"{kl}clip {avg['clip_frac']:.3f} | len {avg['length']:.1f} | trunc {avg['truncated']:.2f} | "
+                  f"entropy {avg['entropy']:.3f} | lr {lr:.1e} | gen {avg['t_gen']:.2f}s rm {avg['t_rm']:.2f}s "
+                  f"upd {avg['t_update']:.2f}s | ETA {eta:.0f}s", flush=True)
+            window = []
+        if args.eval_every and heldout and (step % args.eval_every == 0 or step == args.steps):
+            result = evaluate(step)
+        if args.save_every and step % args.save_every == 0 or step == stop:
+            mrrm.save_checkpoint(args.out, step, params, opt, {"settings": settings})
+    lora.save_lora(policy, os.path.join(args.out, "adapter.safetensors"),
+                   {"base_model": os.path.abspath(args.model), "steps": step, "r": args.lora_r, "alpha": args.lora_alpha})
+    if args.profile and timed:
+        profile(rm, *groups, timed)
+    if step < args.steps:
+        print(f"stopped at step {step} of {args.steps} (--stop-at); continue with --resume")
+    print(f"done in {time.time() - t0:.0f}s; policy adapter in {args.out}/adapter.safetensors")
+    return result
+
+
+def profile(rm, images, questions, texts, timed, repeats=5):
+    """Mean seconds per step split into generation / reward / update (timed: one tuple per step),
+    and the reward pass on the last step's groups timed three ways: joint and independent (the same
+    sequences, only the mask and positions differ, so equal FLOPs) and G separate prompt+response
+    sequences per group (the single-response reward model's cost)."""
+    gen, rew, upd = (sum(t[i] for t in timed) / max(len(timed), 1) for i in range(3))
+    print(f"profile | {len(timed)} steps | s/step {gen + rew + upd:.3f} | generation {gen:.3f} | "
+          f"reward {rew:.3f} | update {upd:.3f}")
+    def separate():  # the baseline the block mask replaces: one sequence per (prompt, response)
+        packs = [rm.encode(q, [t], images=[img]) for img, q, group in zip(images, questions, texts) for t in group]
+        with torch.no_grad():
+            rm(mrrm.collate(packs, "joint"))
+
+    cost = {}
+    for name, fn in (("joint", lambda: score_groups(rm, images, questions, texts, "joint")),
+                     ("independent", lambda: score_groups(rm, images, questions, texts, "independent")),
+                     ("separate", separate)):
+        fn()  # warm-up
+        t = time.time()
+        for _ in range(repeats):
+            fn()
+        cost[name] = (time.time() - t) / repeats
+    print(f"profile | reward pass joint {cost['joint'] * 1e3:.1f} ms | independent {cost['independent'] * 1e3:.1f} ms | "
+          f"joint/independent {cost['joint'] / cost['independent']:.2f} | G separate sequences "
+          f"{cost['separate'] * 1e3:.1f} ms (joint/separate {cost['joint'] / cost['separate']:.2f})")
+    return (gen, rew, upd), cost
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parser():
+    ap = argparse.ArgumentParser(description="GRPO with group rewards from one multi-response reward-model pass")
+    g = ap.add_argument_group("models")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="policy backbone folder (Hub layout); LoRA is trained on it")
+    g.add_argument("--rm", default="runs/rm", help="reward model folder written by `mrrm.py train` ('' for a merged --rm-model)")
+    g.add_argument("--rm-model", default="", help="the reward model's backbone folder (default: --model)")
+    g.add_argument("--rm-mode", choices=mrrm.MODES, default="joint",
+                   help="joint: one pass, responses see each other (the paper); independent: the single-response baseline")
+    g.add_argument("--rm-shuffle", action=argparse.BooleanOptionalAction, default=False,
+                   help="pack each group in a fresh random order (joint mode sees order; samples are i.i.d. already)")
+    g.add_argument("--merge-duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="identical responses in a group share the mean of their scores")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g = ap.add_argument_group("sampling")
+    g.add_argument("--group-size", "-G", type=int, default=8, help="completions per prompt (G)")
+    g.add_argument("--prompts-per-step", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=24, help="completion length limit")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=400, help="about 7 minutes on 2 CPU cores with the shape-world backbone")
+    g.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; continue with --resume")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--warmup", type=int, default=5, help="linear warmup steps, then constant")
+    g.add_argument("--iterations", type=int, default=1, help="mu: optimizer steps per batch of rollouts")
+    g.add_argument("--eps-low", type=float, default=0.2, help="ratio clipped below at 1 - eps_low")
+    g.add_argument("--eps-high", type=float, default=0.28, help="ratio clipped above at 1 + eps_high (DAPO clip-higher)")
+    g.add_argument("--beta", type=float, default=0.02, help="k3 KL coefficient to the adapter-disabled reference (0: no reference pass)")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default="token-mean",
+                   help="token-mean, sequence-mean (GRPO paper) or constant (Dr.GRPO: sum / (B * max_new_tokens))")
+    g.add_argument("--adv-std", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide advantages by the group std (--no-adv-std: Dr.GRPO)")
+    g.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave completions that hit --max-new-tokens out of the loss")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g = ap.add_argument_group("run")
+    g.add_argument("--out", default="runs/grpo")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto: cuda if available (bf16 autocast), else cpu")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; a tiny model decodes fastest on one, above all on a shared machine (0: torch's default)")
+    g.add_argument("--log-every", type=int, default=5)
+    g.add_argument("--eval-every", type=int, default=50, help="held-out accuracy every K steps, and before step 1 (0: never)")
+    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (their own seed stream)")
+    g.add_argument("--eval-samples", type=int, default=4, help="sampled answers per held-out prompt")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (always at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    g.add_argument("--profile", action="store_true", help="print the time split and the joint/independent reward cost")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        return train(args)
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("MRRM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
