@@ -30,7 +30,9 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -120,6 +122,7 @@ class PackedBatch:
     score_valid: torch.Tensor  # (B, Nmax) bool
     pixel_values: torch.Tensor = None
     grid_thw: torch.Tensor = None
+    causal: bool = False  # mask is plain causal with no padding: the model may use SDPA's is_causal path
 
 
 def collate(packs, mode, pad_id=0):
@@ -144,7 +147,7 @@ def collate(packs, mode, pad_id=0):
     rows = [p.pixel_values for p in packs if p.pixel_values is not None]
     grids = [p.grid_thw for p in packs if p.grid_thw is not None]
     return PackedBatch(ids, pos, mask, sep, score_valid, torch.cat(rows) if rows else None,
-                       torch.cat(grids) if grids else None)
+                       torch.cat(grids) if grids else None, causal=mode == "joint" and bool(valid.all()))
 
 
 # -----------------------------------------------------------------------------
@@ -243,8 +246,9 @@ class RewardModel(nn.Module):
         d = self.device
         pv = None if batch.pixel_values is None else batch.pixel_values.to(d)
         grid = None if batch.grid_thw is None else batch.grid_thw.to(d)
-        h = self.backbone(batch.input_ids.to(d), pv, grid, batch.position_ids.to(d), batch.mask.to(d),
-                          return_hidden=True)
+        # a joint pack without padding is plain causal: no mask lets SDPA take its is_causal kernel
+        mask = None if batch.causal else batch.mask.to(d)
+        h = self.backbone(batch.input_ids.to(d), pv, grid, batch.position_ids.to(d), mask, return_hidden=True)
         sep = batch.sep_index.to(d)
         h_sep = h.gather(1, sep[..., None].expand(-1, -1, h.shape[-1]))  # (B, Nmax, D)
         return self.head(h_sep)
@@ -1003,6 +1007,466 @@ def score_cmd(args):
     return scores
 
 
+# -----------------------------------------------------------------------------
+# Bench: what packing buys. One prompt (image + text) and N responses scored four ways: one forward
+# per response (sequential), the N responses as a padded batch (batched), one packed pass with plain
+# causal attention (joint) and one packed pass with the block mask (independent). Also one LoRA
+# training step (--train) and GRPO-style decoding from one prefill (--generate). Weights are random:
+# latency and FLOPs do not depend on them, and --config 2b/4b/8b needs no download.
+
+BENCH_SIZES = {  # text and vision sizes of Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json; 4B = dataclass defaults
+    "2b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+           dict(), True),
+    "4b": (dict(), dict(), True),
+    "8b": (dict(hidden_size=4096, intermediate_size=12288),
+           dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24)), False),
+}
+BENCH_SEP = "<|im_end|>"  # the separator RewardModel uses by default
+
+
+def bench_model(args, device, dtype):
+    """(model, sep_id, description). --config builds random weights on the meta device and
+    materialises them on `device` in `dtype` (a bf16 8B never exists in fp32); otherwise a folder loads."""
+    if args.config is None and os.path.isdir(args.model):
+        model = vlm.load_model(args.model, dtype=dtype, device=device)
+        return model, vlm.Tokenizer(os.path.join(args.model, "tokenizer.json")).token_id(BENCH_SEP), args.model
+    name = args.config or "tiny"
+    special = {s: i for i, s in enumerate(vlm.QWEN_SPECIAL_TOKENS, start=151643)}  # the real Qwen ids
+    if name == "tiny":
+        special = {s: i for i, s in enumerate(vlm.QWEN_SPECIAL_TOKENS)}
+        cfg = vlm.tiny_config(512, special)
+    else:
+        text, vision, tie = BENCH_SIZES[name]
+        cfg = vlm.Config(text=vlm.TextConfig(**text),
+                         vision=vlm.VisionConfig(**vision, out_hidden_size=text.get("hidden_size", 2560)),
+                         tie_word_embeddings=tie)
+    with torch.device("meta"):
+        model = vlm.Qwen3VL(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():  # init in place on the device, the way vlm.init_weights does on the CPU
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.fill_(1.0)
+            elif n.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval(), special[BENCH_SEP], f"random {name}"
+
+
+def synthetic_prompt(cfg, image_tokens, prompt_len, gen):
+    """ids (P,) with P = image_tokens + prompt_len: <vision_start> pads <vision_end> then random text;
+    positions (3, P); pixel rows and grid (1, 3) sized so the vision tower yields `image_tokens` tokens."""
+    v, m = cfg.vision, cfg.vision.spatial_merge_size
+    text_ids = lambda n: torch.randint(20, min(cfg.text.vocab_size, 150_000), (n,), generator=gen)
+    if image_tokens == 0:
+        ids = text_ids(prompt_len)
+        return ids, vlm.rope_positions(ids, None, cfg), None, None
+    rows = max(d for d in range(1, int(image_tokens ** 0.5) + 1) if image_tokens % d == 0)  # near-square grid
+    grid = torch.tensor([[1, rows * m, image_tokens // rows * m]])
+    ids = torch.cat([torch.tensor([cfg.vision_start_token_id] + [cfg.image_token_id] * image_tokens
+                                  + [cfg.vision_end_token_id]), text_ids(max(prompt_len - 2, 0))])
+    pixels = torch.randn(int(grid.prod()), v.in_channels * v.temporal_patch_size * v.patch_size ** 2, generator=gen)
+    return ids, vlm.rope_positions(ids, grid, cfg), pixels, grid
+
+
+# --- FLOPs -------------------------------------------------------------------------------------
+
+
+def forward_flops(cfg, tokens, attn_pairs, grids=(), vision_pairs=None, scored=0, head_hidden=1024):
+    """Analytic forward FLOPs (multiply-adds x 2) of Qwen3VL on `tokens` decoder tokens (all rows of a
+    batch together) whose attention computes `attn_pairs` (query, key) pairs per layer and head, plus
+    the vision tower on `grids` and the value head on `scored` separators. Matmuls only: norms,
+    activations, RoPE and softmax are O(tokens x hidden), under 1% here. `vision_pairs` overrides the
+    vision attention's pairs (a block-diagonal mask computed densely costs (sum n)^2, not sum n^2)."""
+    t, v = cfg.text, cfg.vision
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_token = 2 * (t.hidden_size * (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    text_linear = t.num_hidden_layers * per_token * tokens
+    text_attention = t.num_hidden_layers * 4 * q * attn_pairs  # QK^T and PV: 2 x head_dim each per pair and head
+    H, patch_in = v.hidden_size, v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    n = sum(a * b * c for a, b, c in grids)
+    if vision_pairs is None:
+        vision_pairs = sum(a * (b * c) ** 2 for a, b, c in grids)  # attention stays inside each frame group
+    merged = n // v.spatial_merge_size ** 2
+    d4 = H * v.spatial_merge_size ** 2
+    vision = (2 * n * patch_in * H + v.depth * (2 * n * (4 * H * H + 2 * H * v.intermediate_size) + 4 * H * vision_pairs)
+              + (1 + len(v.deepstack_visual_indexes)) * 2 * merged * (d4 * d4 + d4 * v.out_hidden_size))
+    head = 2 * scored * (t.hidden_size * head_hidden + head_hidden)
+    return {"vision": vision, "text_linear": text_linear, "text_attention": text_attention, "head": head,
+            "total": vision + text_linear + text_attention + head}
+
+
+def attention_pairs(mask, lengths, impl):
+    """(useful, kernel) (query, key) pairs: `useful` counts what the mask allows for real queries;
+    `kernel` what the kernel computes: SDPA with a mask every pair of the padded batch, causal SDPA the
+    lower triangle, flex every 128 x 128 block holding one allowed pair. mask (B, T, T) bool or None
+    (causal, rows of `lengths` tokens, no padding)."""
+    if mask is None:
+        causal = sum(n * (n + 1) // 2 for n in lengths)
+        return causal, causal
+    B, T, S = mask.shape
+    real = torch.arange(T, device=mask.device)[None, :] < torch.tensor(lengths, device=mask.device)[:, None]
+    useful = int((mask & real[:, :, None]).sum())
+    if impl != "flex":
+        return useful, B * T * S
+    pad = (-T) % 128, (-S) % 128
+    blocks = nn.functional.pad(mask, (0, pad[1], 0, pad[0])).view(B, (T + pad[0]) // 128, 128, (S + pad[1]) // 128, 128)
+    return useful, int(blocks.any(4).any(2).sum()) * 128 * 128
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device):
+    """GPU: max_memory_allocated since the last reset. CPU: the process's peak RSS (it never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def timed(fn, device, warmup, repeats):
+    """(median seconds over `repeats` calls after `warmup` calls, peak memory in GiB, last result)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak_memory_gb(device), out
+
+
+def matmul_peak_tflops(device, dtype, repeats=5):
+    """Measured dense-matmul throughput in `dtype`: the ceiling MFU is quoted against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sec, _, _ = timed(lambda: a @ b, device, 2, repeats)
+    return 2 * n ** 3 / sec / 1e12
+
+
+# --- the four ways to score N responses ---------------------------------------------------------
+
+
+def score_fn(model, head, batch, device, causal):
+    """A closure running one PackedBatch -> scores (B, N). `causal`: pass mask=None (SDPA is_causal,
+    the fast path) because the batch is plain causal attention without padding."""
+    to = lambda x: None if x is None else x.to(device)
+    ids, pos, pv, grid, sep = to(batch.input_ids), to(batch.position_ids), to(batch.pixel_values), to(batch.grid_thw), to(batch.sep_index)
+    mask = None if causal else to(batch.mask)
+
+    def run():
+        h = model(ids, pv, grid, pos, mask, return_hidden=True)  # (B, T, D)
+        return head(h.gather(1, sep[..., None].expand(-1, -1, h.shape[-1])))  # (B, N)
+    return run
+
+
+def transformers_twin(model):
+    """transformers' Qwen3VLForConditionalGeneration with our weights copied in, or None when
+    transformers is not installed. Our module names are the checkpoint's, so the state dict loads as is."""
+    try:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    except ImportError:
+        return None
+    p = next(model.parameters())
+    with torch.device(p.device):
+        hf = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**model.cfg.to_dict()), dtype=p.dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"transformers twin: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+def transformers_score_fn(hf, head, batch, device, mode):
+    """Same packed sequence through transformers: joint as plain causal, independent with our 4D mask."""
+    cfg = hf.config
+    ids, pos, sep = batch.input_ids.to(device), batch.position_ids.to(device), batch.sep_index.to(device)
+    kw = dict(pixel_values=batch.pixel_values.to(device), image_grid_thw=batch.grid_thw.to(device),
+              mm_token_type_ids=(ids == cfg.image_token_id).int()) if batch.pixel_values is not None else {}
+    if mode == "independent":
+        kw["attention_mask"] = batch.mask.to(device)[:, None]  # (B, 1, T, T), passed through as is
+
+    def run():
+        h = hf.model(input_ids=ids, position_ids=pos, **kw).last_hidden_state
+        return head(h.gather(1, sep[..., None].expand(-1, -1, h.shape[-1])))
+    return run
+
+
+def bench_forward(args, model, sep_id, device, dtype, peak):
+    cfg, gen = model.cfg, torch.Generator().manual_seed(0)
+    ids, pos, pixels, grid = synthetic_prompt(cfg, args.image_tokens, args.prompt_len, gen)
+    responses = [torch.randint(20, min(cfg.text.vocab_size, 150_000), (args.resp_len,), generator=gen).tolist()
+                 for _ in range(args.n)]
+    head = ValueHead(cfg.text.hidden_size).to(device)
+    nn.init.normal_(head.fc2.weight, std=head.fc1.out_features ** -0.5)  # O(1) scores, so differences show
+    grids = [] if grid is None else grid.tolist()
+    one = lambda rs, mode: pack(ids, pos, rs, sep_id, mode, pixel_values=pixels, grid_thw=grid)
+    lone = [collate([one([r], "joint")], "joint") for r in responses]
+    batched = collate([one([r], "joint") for r in responses], "joint")
+    padded = len({len(r) for r in responses}) > 1
+    cases = [  # name, batches, masked (False: causal without padding, SDPA's is_causal), images encoded, attention
+        ("sequential", lone, False, args.n, "sdpa"),
+        ("batched", [batched], padded, args.n, "sdpa"),
+        ("joint", [collate([one(responses, "joint")], "joint")], False, 1, "sdpa"),
+        ("independent", [collate([one(responses, "independent")], "independent")], True, 1, "sdpa")]
+    if args.flex:
+        cases.append(("independent flex", cases[-1][1], True, 1, "flex"))
+    if args.compile:  # the decoder layers only: the vision tower's data-dependent shapes break the graph
+        for layer in model.model.language_model.layers:
+            layer.compile()
+    hf = transformers_twin(model) if args.transformers else None
+    rows, scores = [], {}
+    for name, batches, masked, images, impl in cases:
+        row = {"row": name}
+        try:
+            model.attn_impl = impl
+            fns = [score_fn(model, head, b, device, causal=not masked) for b in batches]
+            with torch.no_grad():
+                sec, mem, out = timed(lambda: [f() for f in fns], device, args.warmup, args.repeats)
+            scores[name] = torch.cat([o[:, :args.n].flatten() for o in out]).float().cpu()
+            row.update(measure(cfg, batches, masked, images, impl, grids, sec, mem, peak))
+        except Exception as e:  # one failing row (OOM, a kernel missing) must not cost the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        finally:
+            model.attn_impl = "sdpa"
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for mode in MODES if hf is not None else ():
+        name, b = f"transformers {mode}", cases[2 if mode == "joint" else 3][1]
+        row = {"row": name}
+        try:
+            with torch.no_grad():
+                sec, mem, out = timed(transformers_score_fn(hf, head, b[0], device, mode), device, args.warmup, args.repeats)
+            scores[name] = out[0, :args.n].float().cpu()
+            row.update(measure(cfg, b, mode == "independent", 1, "sdpa", grids, sec, mem, peak))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row)
+    base = next((r["ms"] for r in rows if r["row"] == "sequential" and "ms" in r), None)
+    ref = {"batched": "sequential", "independent": "sequential", "independent flex": "sequential",
+           "transformers joint": "joint", "transformers independent": "sequential"}
+    for r in rows:
+        if "ms" in r and base:
+            r["speedup"] = base / r["ms"]
+        if r["row"] in ref and r["row"] in scores and ref[r["row"]] in scores:
+            r["max_diff"] = float((scores[r["row"]] - scores[ref[r["row"]]]).abs().max())
+    # independent mode's promise: score i equals a separate pass over prompt + response i
+    diff = next((r.get("max_diff") for r in rows if r["row"] == "independent"), None)
+    if dtype == torch.float32 and diff is not None and diff > 1e-3:
+        raise AssertionError(f"independent-mode scores differ from sequential ones by {diff:.2e} (fp32, tolerance 1e-3)")
+    return rows
+
+
+def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak):
+    tokens = useful = kernel = vis_pairs = 0
+    n_img = sum(a * b * c for a, b, c in grids)
+    for b in batches:
+        lengths = (b.sep_index.max(1).values + 1).tolist()  # a pack ends with its last separator
+        u, k = attention_pairs(b.mask if masked else None, lengths, impl)
+        tokens, useful, kernel = tokens + sum(lengths), useful + u, kernel + k
+        per_call = b.input_ids.shape[0] if grids else 0  # every row of a batch carries the image
+        vis_pairs += (per_call * n_img) ** 2 if per_call > 1 else per_call * n_img ** 2
+    flops_u = forward_flops(cfg, tokens, useful, grids * images, scored=sum(b.sep_index.numel() for b in batches))
+    flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs,
+                            scored=sum(b.sep_index.numel() for b in batches))
+    tflops = flops_u["total"] / sec / 1e12
+    return {"tokens": tokens, "ms": sec * 1e3, "tok/s": tokens / sec, "TFLOP": flops_u["total"] / 1e12,
+            "kernel TFLOP": flops_k["total"] / 1e12, "TFLOP/s": tflops, "MFU %": 100 * tflops / peak, "mem GiB": mem}
+
+
+# --- training step and decoding ------------------------------------------------------------------
+
+
+def bench_train(args, model, sep_id, device, dtype, peak):
+    """One optimizer step of LoRA + value head on one packed sequence: forward, listwise CE, backward, AdamW."""
+    cfg, gen = model.cfg, torch.Generator().manual_seed(1)
+    ids, pos, pixels, grid = synthetic_prompt(cfg, args.image_tokens, args.prompt_len, gen)
+    responses = [torch.randint(20, min(cfg.text.vocab_size, 150_000), (args.resp_len,), generator=gen).tolist()
+                 for _ in range(args.n)]
+    b = collate([pack(ids, pos, responses, sep_id, args.mode, pixel_values=pixels, grid_thw=grid)], args.mode)
+    lora.inject_lora(model, r=args.lora_r, alpha=2 * args.lora_r, targets=lora.DEFAULT_TARGETS)
+    head = ValueHead(cfg.text.hidden_size).to(device)
+    model.train()
+    model.grad_checkpointing = args.grad_ckpt
+    model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    run = score_fn(model, head, b, device, causal=args.mode == "joint")
+    ranks = torch.randperm(args.n, generator=gen)[None].to(device) + 1
+    valid = torch.ones(1, args.n, dtype=torch.bool, device=device)
+
+    def step():
+        loss, _ = listwise_ce_loss(run().float(), ranks, valid)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    row = {"row": f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")}
+    try:
+        sec, mem, _ = timed(step, device, args.warmup, args.repeats)
+        T = b.input_ids.shape[1]
+        pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], model.attn_impl)[0]
+        f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n)
+        # the base weights are frozen: backward is the input gradient (one more forward's matmuls) through
+        # the decoder only; no weight gradients except LoRA's (r / hidden of that), no recompute counted
+        flops = f["vision"] + 2 * (f["total"] - f["vision"])
+        tflops = flops / sec / 1e12
+        row.update({"tokens": T, "ms": sec * 1e3, "tok/s": T / sec, "TFLOP": flops / 1e12, "TFLOP/s": tflops,
+                    "MFU %": 100 * tflops / peak, "mem GiB": mem,
+                    "trainable M": sum(p.numel() for p in params) / 1e6})
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return [row]
+
+
+@torch.no_grad()
+def nocache_decode(model, batch, steps, n):
+    """The baseline generate() replaces: n samples, and the full forward re-run at every step."""
+    ids = batch.input_ids.expand(n, -1)
+    pos = batch.position_ids.expand(-1, n, -1)
+    pv = None if batch.pixel_values is None else batch.pixel_values.repeat(n, 1)
+    grid = None if batch.grid_thw is None else batch.grid_thw.repeat(n, 1)
+    nxt = int(batch.position_ids.max()) + 1
+    for s in range(steps):
+        h = model(ids, pv, grid, pos, return_hidden=True)
+        logits = model.logits(h[:, -1]).float()
+        # a sampled image pad would ask the next full forward for pixels it does not have (random weights)
+        logits[:, [model.cfg.image_token_id, model.cfg.video_token_id]] = float("-inf")
+        tok = vlm.sample_next(logits, temperature=1.0)
+        ids = torch.cat([ids, tok[:, None]], 1)
+        pos = torch.cat([pos, torch.full((3, n, 1), nxt + s, device=pos.device)], 2)
+    return ids
+
+
+def bench_generate(args, model, device):
+    cfg, gen = model.cfg, torch.Generator().manual_seed(2)
+    ids, pos, pixels, grid = synthetic_prompt(cfg, args.image_tokens, args.prompt_len, gen)
+    batch = vlm.Batch(ids[None].to(device), pos[:, None].to(device), None if pixels is None else pixels.to(device),
+                      None if grid is None else grid.to(device))
+    G, new, steps = args.samples, args.new_tokens, min(args.new_tokens, args.nocache_steps)
+    rows = []
+    for name, fn, tokens in [
+            (f"generate G={G} kv-cache", lambda: vlm.generate(model, batch, new, n=G, temperature=1.0), G * new),
+            (f"no-cache G={G} ({steps} steps)", lambda: nocache_decode(model, batch, steps, G), G * steps)]:
+        row = {"row": name}
+        try:
+            sec, mem, _ = timed(fn, device, min(args.warmup, 1), max(1, min(args.repeats, 3)))
+            row.update({"tokens": tokens, "ms": sec * 1e3, "tok/s": tokens / sec, "ms/step": sec * 1e3 / (tokens // G),
+                        "mem GiB": mem})
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row)
+    if all("tok/s" in r for r in rows):
+        rows[0]["speedup"] = rows[0]["tok/s"] / rows[1]["tok/s"]
+        rows[1]["speedup"] = 1.0
+    return rows
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def print_table(title, rows):
+    cols = ["row"] + [c for c in ("tokens", "ms", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
+                                  "speedup", "mem GiB", "max_diff", "trainable M") if any(c in r for r in rows)]
+    fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s")
+                        else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}")
+    cells = [[fmt(c, r[c]) if c in r else "" for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print(title)
+    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, width))))
+    for r, line in zip(rows, cells):
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, width)))
+              + (f"  ERROR {r['error']}" if "error" in r else ""))
+
+
+def bench(args):
+    device = torch.device(pick_device(args.device))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.flex is None:
+        args.flex = device.type == "cuda"
+    if args.transformers is None:
+        args.transformers = not args.train and not args.generate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, sep_id, source = bench_model(args, device, dtype)
+    peak = matmul_peak_tflops(device, dtype)
+    t, v = model.cfg.text, model.cfg.vision
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"bench | {source} | {params:.3g}B params | text {t.num_hidden_layers}x{t.hidden_size} | vision "
+          f"{v.depth}x{v.hidden_size} | {device.type} {str(dtype)[6:]} | measured matmul peak {peak:.3g} TFLOP/s")
+    print(f"image {args.image_tokens} tokens | prompt {args.prompt_len} | N {args.n} x {args.resp_len} + sep | "
+          f"median of {args.repeats} after {args.warmup} warm-up" + (" | torch.compile" if args.compile else ""))
+    out = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "source": source, "params_b": params,
+           "device": device.type, "dtype": str(dtype), "peak_tflops": peak}
+    if not args.train and not args.generate:
+        out["forward"] = bench_forward(args, model, sep_id, device, dtype, peak)
+        print_table("forward: scores of N responses (TFLOP = useful, kernel TFLOP = what the kernels compute; "
+                    "max_diff: scores vs sequential, transformers joint vs joint)", out["forward"])
+    if args.generate:
+        out["generate"] = bench_generate(args, model, device)
+        print_table(f"decoding: {args.samples} samples x {args.new_tokens} tokens, temperature 1", out["generate"])
+    if args.train:
+        out["train"] = bench_train(args, model, sep_id, device, dtype, peak)
+        print_table("train step: LoRA + value head, forward + backward + AdamW "
+                    "(TFLOP: vision forward + 2 x decoder forward, recompute not counted)", out["train"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def add_bench_args(subparsers):
+    b = subparsers.add_parser("bench", help="latency, FLOPs and memory: packed vs one pass per response")
+    g = b.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="backbone folder (used when it exists and --config is not given)")
+    g.add_argument("--config", choices=["tiny"] + sorted(BENCH_SIZES), default=None,
+                   help="random weights of this size instead of --model (2b/4b/8b: real Qwen3-VL sizes)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for the forward rows")
+    g.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run independent mode through FlexAttention block masks (default: on CUDA)")
+    g.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,
+                   help="side-by-side rows from transformers' Qwen3-VL, same weights (default: on when installed)")
+    g = b.add_argument_group("inputs")
+    g.add_argument("--image-tokens", type=int, default=64, help="merged image tokens in the prompt (0: text only)")
+    g.add_argument("--prompt-len", type=int, default=50, help="prompt tokens besides the image pads")
+    g.add_argument("--n", type=int, default=4, help="responses per prompt")
+    g.add_argument("--resp-len", type=int, default=128, help="tokens per response (the separator comes on top)")
+    g = b.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--json", default="", help="write every figure to this file")
+    g = b.add_argument_group("--train: one LoRA training step")
+    g.add_argument("--train", action="store_true")
+    g.add_argument("--mode", choices=MODES, default="joint")
+    g.add_argument("--lora-r", type=int, default=16, help="alpha = 2r")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
+    g = b.add_argument_group("--generate: G samples from one prefill vs re-running the full forward")
+    g.add_argument("--generate", action="store_true")
+    g.add_argument("--samples", type=int, default=8, help="G")
+    g.add_argument("--new-tokens", type=int, default=32)
+    g.add_argument("--nocache-steps", type=int, default=16, help="steps the no-cache baseline is timed over "
+                   "(its cost per step grows with length, so this flatters the baseline)")
+    b.set_defaults(func=bench)
+    return b
+
+
 def _targets(text):
     return {"lm": list(lora.DEFAULT_TARGETS), "lm+vision": list(lora.DEFAULT_TARGETS + lora.VISION_TARGETS)}.get(text, [text])
 
@@ -1078,13 +1542,14 @@ def parser():
     s.add_argument("--responses", nargs="+", required=True)
     s.add_argument("--mode", choices=MODES, default="joint")
     s.add_argument("--device", default="auto")
+    add_bench_args(sub)
     return ap
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        return {"train": train, "eval": evaluate_cmd, "score": score_cmd}[args.cmd](args)
+        return {"train": train, "eval": evaluate_cmd, "score": score_cmd, "bench": bench}[args.cmd](args)
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("MRRM_DEBUG"):
             raise

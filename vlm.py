@@ -26,6 +26,7 @@ What it leaves out: MoE variants (Qwen3-VL-30B-A3B/235B), flash-attention varlen
 windows, beam search, mp4 decoding without PyAV (give frames instead), and tensor parallelism.
 """
 
+import functools
 import json
 import math
 import os
@@ -190,6 +191,23 @@ def attention_mask(q_index, k_index, k_valid=None, q_segment=None, k_segment=Non
     if q_segment is not None:
         mask = mask & ((k_segment[:, None, :] == 0) | (k_segment[:, None, :] == q_segment[:, :, None]))
     return mask | (k_index[:, None, :] == q_index[:, :, None])
+
+
+def flex_block_mask(mask):
+    """The boolean (B, T, S) mask from attention_mask() as a FlexAttention BlockMask. The mask_mod only
+    indexes that mask, so both paths see the same mask; the kernel then skips every 128 x 128 block of
+    (query, key) that is all False: an independent-mode pack does not pay for the response x response blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T, S = mask.shape
+    return create_block_mask(lambda b, h, q, k: mask[b, q, k], B, None, T, S, device=mask.device)
+
+
+@functools.cache
+def flex_kernel(device_type):
+    """flex_attention is a fused kernel only when compiled (eager it is a dense reference). On CPU the
+    compile costs more than it saves, so CPU runs it eagerly (tests, parity checks)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 # -----------------------------------------------------------------------------
@@ -368,10 +386,18 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        gqa = self.n_kv != self.n_head
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask from flex_block_mask()
+            y = flex_kernel(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if mask is not None and gqa:
+            # SDPA's fused CUDA kernels take a mask or enable_gqa, not both: with both it silently runs
+            # the math kernel (fp32 T x T scores). Repeating the kv heads keeps the fused kernel.
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hd)
         # SDPA gets either the boolean mask or is_causal, never both. With no mask, the keys are exactly
         # the queries (causal) or a single new token follows the cache (it may see every key).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                           is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_head)
+                                           is_causal=mask is None and T > 1, enable_gqa=gqa and mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -425,6 +451,9 @@ class Qwen3VL(nn.Module):
         # a tied checkpoint has no lm_head.weight: the output projection reuses embed_tokens
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.grad_checkpointing = False
+        # "flex": masked (non-causal) attention through FlexAttention block masks, compiled on CUDA, so
+        # an independent-mode pack skips the blocks its mask rules out; "sdpa": the boolean mask to SDPA
+        self.attn_impl = "sdpa"
 
     @property
     def output_weight(self):
@@ -456,6 +485,8 @@ class Qwen3VL(nn.Module):
         if mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal with an offset
             q_index = torch.arange(start, start + T, device=x.device).expand(B, T)
             mask = attention_mask(q_index, torch.arange(start + T, device=x.device).expand(B, start + T))
+        if self.attn_impl == "flex" and mask is not None and cache is None:
+            mask = flex_block_mask(mask)
         cos, sin = mrope_cos_sin(position_ids, lm.cfg, x.dtype)
         for i, layer in enumerate(lm.layers):
             if self.grad_checkpointing and self.training and cache is None:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole GPU bench in one go (about 6-8 minutes on one H100, bf16, random weights of the real sizes).
+# Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]
+# Each run is capped by `timeout`, and a failing run (or an OOM row inside a run) is reported and skipped.
+set -u
+OUT=${1:-${OUT:-bench_out}}
+mkdir -p "$OUT"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+run() {  # name, seconds, bench arguments...
+  local name=$1 secs=$2; shift 2
+  echo; echo "=== $name ==="
+  timeout "$secs" python mrrm.py bench --json "$OUT/$name.json" "$@" 2>"$OUT/$name.err"
+  local rc=$?
+  [ $rc -ne 0 ] && { echo "FAILED $name (exit $rc; 124 = timed out); last lines of $OUT/$name.err:"; tail -n 5 "$OUT/$name.err"; }
+  return 0
+}
+
+IMG="--image-tokens 1024 --prompt-len 50"
+# forward, 4B: 1,024-token image + 50 prompt tokens + 4 x (128 + separator); ours (SDPA and flex) and transformers
+run fwd_4b_n4 180 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5
+# the same with N = 8 (packing's gain grows with N); transformers left out to save time
+run fwd_4b_n8 100 --config 4b $IMG --n 8 --resp-len 128 --warmup 2 --repeats 5 --no-transformers
+# LoRA train step, 4B: 1,024 + 50 + 4 x (256 + separator) = 2,102 tokens, activation checkpointing, r = 16 and r = 128
+run train_4b_r16 70 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 1 --repeats 3
+run train_4b_r128 70 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 128 --warmup 1 --repeats 3
+# GRPO-style decoding, 2B: G = 8 samples of 256 tokens from one prefill vs re-running the full forward
+run gen_2b_g8 90 --config 2b $IMG --generate --samples 8 --new-tokens 256 --nocache-steps 16 --warmup 1 --repeats 2
+
+echo; echo "=== all runs: one table (figures also in $OUT/*.json) ==="
+python - "$OUT" <<'EOF'
+import glob, json, os, sys
+import mrrm
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    run = json.load(open(path))
+    tag = os.path.basename(path)[:-5]
+    for section in ("forward", "train", "generate"):
+        rows += [{**r, "row": f"{tag}: {r['row']}"} for r in run.get(section, [])]
+    print(f"{tag}: {run['source']} | {run['device']} {run['dtype']} | matmul peak {run['peak_tflops']:.3g} TFLOP/s")
+mrrm.print_table("", rows)
+EOF

@@ -1,0 +1,174 @@
+"""`mrrm.py bench`: analytic FLOPs against torch's FLOP counter, and smoke runs of the forward table,
+the LoRA training step and decoding on a tiny random checkpoint (CPU, a few seconds each)."""
+
+import argparse
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import vlm
+from mrrm import add_bench_args, attention_pairs, bench_model, forward_flops, synthetic_prompt
+from mrrm import collate, pack
+
+SIZES = ["--image-tokens", "16", "--prompt-len", "12", "--n", "3", "--resp-len", "9", "--threads", "1",
+         "--warmup", "1", "--repeats", "2"]
+
+
+def run_bench(argv):
+    ap = argparse.ArgumentParser()
+    add_bench_args(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["bench"] + argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench") / "m"
+    vlm.write_tiny_checkpoint(folder, seed=0)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def forward_run(tiny, tmp_path_factory):
+    """One forward-table run shared by the tests below: (returned figures, printed text, json)."""
+    import contextlib
+    import io
+    path = tmp_path_factory.mktemp("json") / "bench.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        out = run_bench(["--model", tiny, "--flex", "--json", str(path)] + SIZES)
+    return out, text.getvalue(), json.loads(path.read_text())
+
+
+def tiny_model():
+    args = argparse.Namespace(config="tiny", model="")
+    return bench_model(args, torch.device("cpu"), torch.float32)
+
+
+def test_forward_flops_equal_flop_counter_with_math_attention():
+    # the math SDPA backend is plain matmuls, so FlopCounterMode sees every term, attention included;
+    # math attention computes the full T x T square (the causal mask is applied after the matmul)
+    model, _, _ = tiny_model()
+    ids, pos, pixels, grid = synthetic_prompt(model.cfg, 16, 30, torch.Generator().manual_seed(0))
+    T = len(ids)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(ids[None], pixels, grid, pos[:, None], return_hidden=True)
+    expect = forward_flops(model.cfg, T, T * T, grid.tolist())["total"]
+    got = fc.get_total_flops()
+    assert abs(got - expect) / expect < 0.01, f"FlopCounterMode {got:,} vs analytic {expect:,}"
+
+
+def test_forward_flops_linear_terms_equal_flop_counter_with_default_sdpa():
+    # the CPU's fused SDPA kernel has no FLOP formula registered, so the counter sees only the linear layers
+    model, _, _ = tiny_model()
+    ids, pos, pixels, grid = synthetic_prompt(model.cfg, 16, 30, torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(ids[None], pixels, grid, pos[:, None], return_hidden=True)
+    f = forward_flops(model.cfg, len(ids), 0, grid.tolist(), vision_pairs=0)
+    got, expect = fc.get_total_flops(), f["vision"] + f["text_linear"]
+    assert abs(got - expect) / expect < 0.01, f"FlopCounterMode {got:,} vs analytic linear {expect:,}"
+
+
+def test_independent_useful_attention_is_prompt_once_plus_each_response_on_it():
+    P, lens = 20, [5, 9, 3]
+    ids = torch.arange(P) + 20
+    p = pack(ids, torch.arange(P).expand(3, P), [[30] * n for n in lens], 2, "independent")
+    b = collate([p], "independent")
+    useful, kernel = attention_pairs(b.mask, [len(p.input_ids)], "sdpa")
+    tri = lambda n: n * (n + 1) // 2
+    expect = tri(P) + sum(P * (n + 1) + tri(n + 1) for n in lens)  # each response + its separator
+    assert useful == expect, f"useful pairs {useful} vs {expect}"
+    assert kernel == len(p.input_ids) ** 2, f"SDPA with a mask computes every pair, got {kernel}"
+
+
+def test_flex_kernel_pairs_count_only_blocks_the_mask_touches():
+    T = 384  # 3 x 3 blocks of 128; causal touches the 6 on and below the diagonal
+    idx = torch.arange(T)[None]
+    mask = vlm.attention_mask(idx, idx)
+    useful, kernel = attention_pairs(mask, [T], "flex")
+    assert useful == T * (T + 1) // 2 and kernel == 6 * 128 * 128, f"useful {useful}, kernel {kernel}"
+
+
+def test_flex_attention_path_equals_sdpa_on_an_independent_pack(tiny):
+    model = vlm.load_model(tiny)
+    ids, pos, pixels, grid = synthetic_prompt(model.cfg, 16, 12, torch.Generator().manual_seed(0))
+    b = collate([pack(ids, pos, [[40] * 7, [41] * 150, [42] * 3], 2, "independent", pixel_values=pixels,
+                      grid_thw=grid)], "independent")
+    with torch.no_grad():
+        ref = model(b.input_ids, b.pixel_values, b.grid_thw, b.position_ids, b.mask, return_hidden=True)
+        model.attn_impl = "flex"
+        got = model(b.input_ids, b.pixel_values, b.grid_thw, b.position_ids, b.mask, return_hidden=True)
+    diff = (got - ref).abs().max().item()
+    assert diff < 1e-5, f"flex vs SDPA hidden states max-abs-diff {diff:.2e}"
+
+
+def test_bench_prints_one_row_per_way_with_finite_positive_figures(forward_run):
+    out, text, _ = forward_run
+    for name in ("sequential", "batched", "joint", "independent", "independent flex"):
+        assert any(line.startswith(name + " ") for line in text.splitlines()), f"no row {name!r} in:\n{text}"
+    for r in out["forward"]:
+        assert "error" not in r, f"row {r['row']} failed: {r.get('error')}"
+        for key in ("tokens", "ms", "tok/s", "TFLOP", "kernel TFLOP", "TFLOP/s", "speedup"):
+            assert math.isfinite(r[key]) and r[key] > 0, f"row {r['row']}: {key} = {r[key]}"
+
+
+def test_bench_independent_scores_equal_sequential_scores(forward_run):
+    rows = {r["row"]: r for r in forward_run[0]["forward"]}
+    for name in ("batched", "independent", "independent flex"):
+        assert rows[name]["max_diff"] < 1e-4, f"{name}: scores differ from sequential by {rows[name]['max_diff']:.2e}"
+
+
+def test_bench_packed_rows_process_fewer_tokens_and_flops_than_sequential(forward_run):
+    rows = {r["row"]: r for r in forward_run[0]["forward"]}
+    P, N, R = 16 + 12, 3, 9 + 1
+    assert rows["sequential"]["tokens"] == N * (P + R) and rows["joint"]["tokens"] == P + N * R, rows
+    assert rows["independent"]["TFLOP"] < rows["joint"]["TFLOP"] < rows["sequential"]["TFLOP"], rows
+
+
+def test_bench_has_transformers_rows_with_equal_scores(forward_run):
+    pytest.importorskip("transformers")
+    rows = {r["row"]: r for r in forward_run[0]["forward"]}
+    for name in ("transformers joint", "transformers independent"):
+        assert name in rows and "error" not in rows[name], f"{name}: {rows.get(name)}"
+        assert rows[name]["max_diff"] < 1e-4, f"{name}: scores differ by {rows[name]['max_diff']:.2e}"
+
+
+def test_bench_json_holds_the_printed_rows(forward_run):
+    out, _, saved = forward_run
+    assert [r["row"] for r in saved["forward"]] == [r["row"] for r in out["forward"]]
+    assert saved["peak_tflops"] > 0 and saved["settings"]["n"] == 3
+
+
+def test_bench_train_step_reports_throughput_and_trainable_parameters(tiny, capsys):
+    out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--mode", "independent"] + SIZES)
+    row = out["train"][0]
+    assert "error" not in row, row.get("error")
+    assert row["tok/s"] > 0 and row["TFLOP"] > 0 and 0 < row["trainable M"] < 1, row
+    assert "train r=4 independent ckpt" in capsys.readouterr().out
+
+
+def test_bench_generate_times_cached_decoding_against_the_no_cache_baseline(tiny):
+    out = run_bench(["--model", tiny, "--generate", "--samples", "3", "--new-tokens", "4", "--nocache-steps", "2"] + SIZES)
+    cached, baseline = out["generate"]
+    assert "error" not in cached and "error" not in baseline, (cached, baseline)
+    assert cached["tokens"] == 3 * 4 and baseline["tokens"] == 3 * 2, (cached, baseline)
+    assert cached["tok/s"] > 0 and baseline["speedup"] == 1.0 and cached["speedup"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernel needs CUDA")
+def test_flex_attention_on_cuda_equals_sdpa(tiny):
+    model = vlm.load_model(tiny, device="cuda")
+    ids, pos, pixels, grid = synthetic_prompt(model.cfg, 16, 12, torch.Generator().manual_seed(0))
+    b = collate([pack(ids, pos, [[40] * 7, [41] * 150], 2, "independent", pixel_values=pixels, grid_thw=grid)],
+                "independent")
+    args = [t.cuda() for t in (b.input_ids, b.pixel_values, b.grid_thw, b.position_ids, b.mask)]
+    with torch.no_grad():
+        ref = model(*args, return_hidden=True)
+        model.attn_impl = "flex"
+        got = model(*args, return_hidden=True)
+    assert (got - ref).abs().max().item() < 1e-4
