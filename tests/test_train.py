@@ -251,3 +251,18 @@ def test_merged_export_loads_in_transformers_and_peft_export_in_peft(world, tmp_
         peft = PeftModel.from_pretrained(base, str(out / "peft")).eval()
         got = peft(input_ids=b.input_ids, pixel_values=b.pixel_values, image_grid_thw=b.grid_thw, mm_token_type_ids=tt).logits
         assert (got - want).abs().max() <= 1e-4
+
+
+def test_readme_python_example_runs(world, tmp_path, capsys):
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    out = tmp_path / "rm"
+    mrrm.main(args_for(world, out, "--steps", "2", "--heldout", "", "--export", "off"))
+    code = block.replace('"data/shapeworld-backbone"', repr(str(world / "m"))).replace('"runs/rm"', repr(str(out)))
+    assert code != block
+    scope = {}
+    exec(code, scope)
+    assert len(scope["scores"]) == 3 and all(math.isfinite(s) for s in scope["scores"])
+    assert str(scope["scores"]) in capsys.readouterr().out
