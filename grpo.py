@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -580,14 +579,7 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
-        return train(args)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("MRRM_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    return mrrm.run_cli(train, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

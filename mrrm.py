@@ -1505,7 +1505,7 @@ def parser():
     t.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
     t.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; the schedule still spans all steps")
     t.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    t.add_argument("--grad-checkpointing", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
+    t.add_argument("--grad-checkpointing", type=on_off, default=None,
                    help="activation checkpointing (default: on for CUDA, off on CPU)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
@@ -1516,7 +1516,7 @@ def parser():
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     t.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
     t.add_argument("--resume", action="store_true", help="continue exactly from --out's latest checkpoint")
-    t.add_argument("--export", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=True,
+    t.add_argument("--export", type=on_off, default=True,
                    help="write OUT/merged (Hub layout, base + LoRA merged) and OUT/peft at the end (default: on)")
     t.add_argument("--cache-gb", type=float, default=1.0, help="memory for encoded prompts (pixels) reused across epochs")
 
@@ -1546,15 +1546,28 @@ def parser():
     return ap
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def on_off(text):
+    """argparse type for switches given a value (`--export off`); type=bool would read 'off' as True."""
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected on/off, found {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def run_cli(fn, args):
+    """Bad input (missing file, malformed data, wrong key) ends with one readable line and exit code 1;
+    MRRM_DEBUG=1 shows the traceback instead."""
     try:
-        return {"train": train, "eval": evaluate_cmd, "score": score_cmd, "bench": bench}[args.cmd](args)
+        return fn(args)
     except (FileNotFoundError, ValueError) as e:
         if os.environ.get("MRRM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    return run_cli({"train": train, "eval": evaluate_cmd, "score": score_cmd, "bench": bench}[args.cmd], args)
 
 
 if __name__ == "__main__":

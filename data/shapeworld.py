@@ -9,7 +9,7 @@ checker a GRPO run scores its policy with, and `caption`/`qa_pairs` feed backbon
     >>> rng = random.Random(0)
     >>> sample = make_sample(rng)
     >>> sample["image"].size, sorted(sample["record"]["rankings"])
-    ((64, 64), [1, 2, 3, 4])
+    ((48, 48), [1, 2, 3, 4])
     >>> best = sample["record"]["responses"][sample["record"]["rankings"].index(1)]
     >>> is_correct(sample["record"], best)
     True
@@ -144,14 +144,14 @@ def make_scene(rng):
     return Scene([random_shape(rng, cell) for cell in cells])
 
 
-def render(scene, size=64):
+def render(scene, size=48):
     """Draw the scene, each shape centred in its grid cell; no anti-aliasing, so pixels are exact."""
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = size / 3
     for s in scene.shapes:
         cx, cy = (s.col + 0.5) * cell, (s.row + 0.5) * cell
-        # Under half a cell, so shapes never touch; small is still 10 px wide at 64 px (8 px patches).
+        # Under half a cell, so shapes never touch; small is still 8 px wide at 48 px (one 8 px patch).
         r = cell * (0.42 if s.size == "large" else 0.26)
         fill = COLORS[s.color]
         if s.kind == "circle":
@@ -329,7 +329,7 @@ def sample_id(scene, question):
     return "sw-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def make_sample(rng, image_size=64):
+def make_sample(rng, image_size=48):
     """{"image": PIL image, "record": one line of mrrm's JSONL schema (responses in random order)}."""
     scene, question = balanced_question(rng)
     responses = make_responses(scene, question, rng)
@@ -404,7 +404,7 @@ def is_correct(question, response):
 
 # ----------------------------------------------------------------------------- files
 
-def write_split(folder, name, n, seed, image_size=64, exclude=()):
+def write_split(folder, name, n, seed, image_size=48, exclude=()):
     """Write n samples to folder/{name}.jsonl and folder/images/; return their ids.
 
     The stream is seeded by (name, seed), so train and held-out differ even for one --seed; ids
@@ -433,7 +433,8 @@ def main(argv=None):
     parser.add_argument("--train", type=int, default=2000, help="number of training samples")
     parser.add_argument("--heldout", type=int, default=200, help="number of held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of both splits (each mixes in its name)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--image-size", type=int, default=48,
+                        help="image side in pixels (48: a 16 px cell is 2x2 patches of 8 px, one merged token)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     train = write_split(args.out, "train", args.train, args.seed, args.image_size)

@@ -65,7 +65,7 @@ def test_each_shape_centre_pixel_has_its_colour():
     rng = random.Random(0)
     for _ in range(200):
         scene = sw.make_scene(rng)
-        for size in (64, 96):
+        for size in (48, 64, 96):
             pixels = render(scene, size).load()
             for s in scene.shapes:
                 x, y = int((s.col + 0.5) * size / 3), int((s.row + 0.5) * size / 3)
@@ -79,7 +79,7 @@ def test_empty_cells_stay_background():
         pixels = render(scene).load()
         taken = {(s.row, s.col) for s in scene.shapes}
         for row, col in set(sw.CELLS) - taken:
-            x, y = int((col + 0.5) * 64 / 3), int((row + 0.5) * 64 / 3)
+            x, y = int((col + 0.5) * 48 / 3), int((row + 0.5) * 48 / 3)
             assert pixels[x, y] == sw.BACKGROUND, f"empty cell ({row}, {col}) is {pixels[x, y]}"
 
 
