@@ -381,3 +381,19 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert seen == {0, 1}
     seen = {int(vlm.sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
     assert seen == {0, 1, 2}
+
+
+def test_gradients_match_transformers(tmp_path):
+    # training (the reward model's LoRA, the backbone pretraining) trusts our backward as much as our forward
+    ref = make_reference(str(tmp_path), **CONFIGS["untied-gqa2-3ds"])
+    ours = vlm.load_model(str(tmp_path))
+    grid = torch.tensor([[1, 6, 10]])
+    rows = torch.randn(60, 384, generator=torch.Generator().manual_seed(2))
+    ids = vision_seq(grid.tolist())
+    weights = torch.randn(ids.shape[1], 300, generator=torch.Generator().manual_seed(5))
+    (ref(input_ids=ids, mm_token_type_ids=(ids == IMG).int(), pixel_values=rows, image_grid_thw=grid).logits[0] * weights).sum().backward()
+    (ours(ids, rows, grid, vlm.rope_positions(ids[0], grid, ours.cfg)[:, None])[0] * weights).sum().backward()
+    theirs = dict(ref.named_parameters())
+    worst = max((((p.grad - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12)).item(), n)
+                for n, p in ours.named_parameters())
+    assert worst[0] <= 1e-4, f"relative gradient difference {worst[0]:.2e} at {worst[1]}"
