@@ -864,8 +864,7 @@ def train(args):
     loss_fn = LOSSES[args.loss]
     stop = min(total, args.stop_at or total)
     t0, tokens, window = time.time(), 0, []
-    steps_timed, time_timed = 0, 0.0
-    lr_now = args.lr
+    steps_timed, time_timed = 0, 0.0  # optimizer steps only, not evaluation or checkpoints
     while step < stop:
         t_step = time.time()
         lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio)
@@ -902,9 +901,9 @@ def train(args):
             acc_avg = sum(m["acc"] for m in window) / len(window)
             eta = time_timed / steps_timed * (stop - step)
             print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
-                  f"tok/s {tokens / elapsed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
+                  f"tok/s {tokens / time_timed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
             _log(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
-                            "tokens_per_s": tokens / elapsed, "time": elapsed})
+                            "tokens_per_s": tokens / time_timed, "time": elapsed})
             window = []
         if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
             rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast)
