@@ -338,6 +338,9 @@ def read_records(path, errors=None):
         if head == "[":
             yield from _read_json_list(path, f.read())
             return
+        if head == "{" and path.endswith(".json"):  # the authors' {"ranking_data": [...], "pair_data": [...]}
+            yield from _read_json_dict(path, f.read())
+            return
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -348,6 +351,21 @@ def read_records(path, errors=None):
                 if errors is None:
                     raise ValueError(msg) from None
                 errors.append(msg)
+
+
+def _read_json_dict(path, text):
+    """One JSON object whose list values hold the samples; each is located as `key[i]`."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+    lists = {k: v for k, v in obj.items() if isinstance(v, list)}
+    if not lists:
+        raise ValueError(f"{path}: expected JSONL, a JSON list, or a JSON object holding lists of samples; "
+                         f"found an object with keys {sorted(obj)[:8]}")
+    for key, items in lists.items():
+        for i, item in enumerate(items):
+            yield f"{key}[{i}]", item
 
 
 def _read_json_list(path, text):
@@ -391,13 +409,18 @@ def _paths_problem(v):
     return f"expected a path or a non-empty list of paths, found {json.dumps(v)[:60]}"
 
 
+def prompt_of(obj):
+    """The authors' files name the prompt `prompt` or `question`."""
+    return obj["prompt"] if "prompt" in obj else obj.get("question")
+
+
 def validate_sample(obj, where):
     """Every way `obj` breaks mrrm's sample schema, each as 'where: field: what is wrong'."""
     if not isinstance(obj, dict):
         return [f"{where}: expected a JSON object, found {type(obj).__name__}"]
     problems = []
-    if not isinstance(obj.get("prompt"), str):
-        problems.append(f"{where}: prompt: expected a string, found {type(obj.get('prompt')).__name__}")
+    if not isinstance(prompt_of(obj), str):
+        problems.append(f"{where}: prompt: expected a string, found {type(prompt_of(obj)).__name__}")
     responses, rankings = obj.get("responses"), obj.get("rankings")
     if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
         problems.append(f"{where}: responses: expected a list of 2 or more strings, found {json.dumps(responses)[:60]}")
@@ -571,7 +594,7 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
             errors += problems
             bad += 1
             continue
-        samples.append(Sample(str(obj.get("id", f"{os.path.basename(path)}:{line}")), obj["prompt"], obj["responses"],
+        samples.append(Sample(str(obj.get("id", f"{os.path.basename(path)}:{line}")), prompt_of(obj), obj["responses"],
                               obj["rankings"], images, videos, obj.get("category", ""), where, obj.get("pair")))
     bad += sum(1 for e in errors if ": malformed JSON:" in e)
     if errors and not skip_bad:

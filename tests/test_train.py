@@ -266,3 +266,16 @@ def test_readme_python_example_runs(world, tmp_path, capsys):
     exec(code, scope)
     assert len(scope["scores"]) == 3 and all(math.isfinite(s) for s in scope["scores"])
     assert str(scope["scores"]) in capsys.readouterr().out
+
+
+def test_the_authors_json_layout_and_question_field_load(tmp_path):
+    # their loader takes one JSON object of lists (ranking_data, pair_data, ...) and `question` for `prompt`
+    data = {"ranking_data": [{"question": "q1", "responses": ["a", "b", "c"], "rankings": [2, 1, 3]}],
+            "pair_data": [{"prompt": "q2", "responses": ["x", "y"], "rankings": [1, 2]},
+                          {"prompt": "q3", "responses": ["x"], "rankings": [1]}]}
+    path = tmp_path / "authors.json"
+    path.write_text(json.dumps(data, indent=1))
+    with pytest.raises(ValueError, match=r"authors.json:pair_data\[1\]: responses"):
+        mrrm.load_samples(str(path))
+    kept = mrrm.load_samples(str(path), skip_bad=True)
+    assert [(s.prompt, s.rankings) for s in kept] == [("q1", [2, 1, 3]), ("q2", [1, 2])]
