@@ -116,8 +116,8 @@ def test_committed_backbone_is_an_imperfect_policy_whose_answers_parse():
     with open(os.path.join(COMMITTED, "pretrain.json")) as f:
         record = json.load(f)
     sampled, greedy = record["heldout_sampled_t1"], record["heldout_greedy"]
-    # GRPO needs room to improve (sampled accuracy well below 1) and answers it can score (they parse)
-    assert 0.2 <= sampled["acc"] <= 0.6, f"sampled T=1 accuracy {sampled['acc']:.3f} outside [0.2, 0.6]"
+    # answers the reward model can be trained against (mostly right) and that GRPO can still improve
+    assert 0.5 <= sampled["acc"] <= 0.95, f"sampled T=1 accuracy {sampled['acc']:.3f} outside [0.5, 0.95]"
     assert greedy["parsed"] >= 0.9, f"only {greedy['parsed']:.3f} of greedy answers parse"
     # and the weights really answer: greedy on a few held-out questions parses
     model = vlm.load_model(COMMITTED)
