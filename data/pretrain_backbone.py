@@ -39,7 +39,6 @@ checkpointing mid-run (a run is minutes).
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -51,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import vlm  # noqa: E402  (the repo root holds vlm.py)
+import mrrm  # noqa: E402  (the repo root holds mrrm.py and vlm.py)
+import vlm  # noqa: E402
 from data import shapeworld as sw  # noqa: E402
 
 IMAGE_SIDE = 48  # shape-world images: 6x6 patches of 8 px, merged 2x2 into 3x3 tokens, one per grid cell
@@ -115,14 +115,6 @@ def make_batch(examples, pad_id):
     rows = torch.cat([e[2] for e in examples])  # (B * 64, C*T*p*p)
     grids = torch.cat([e[3] for e in examples])  # (B, 3)
     return ids, pos, rows, grids, targets
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warmup, then cosine decay to 10% of lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @torch.no_grad()
@@ -220,7 +212,7 @@ def main(argv=None):
     losses, history, t_train = [], [], time.perf_counter()
     with open(log_path, "w") as log:
         for step in range(args.steps):
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
+            lr = mrrm.lr_at(step, args.steps, args.lr, args.warmup, "cosine", min_ratio=0.1)
             for group in opt.param_groups:
                 group["lr"] = lr
             noise = args.answer_noise if step >= args.clean_frac * args.steps else 0.0
