@@ -32,8 +32,6 @@ the vocabulary-chunked log-softmax a 150k vocabulary would want.
 """
 
 import argparse
-import contextlib
-import json
 import os
 import random
 import time
@@ -304,10 +302,6 @@ def heldout_accuracy(policy, proc, samples, args, autocast):
 # Training
 
 
-def pick_device(name):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -325,7 +319,7 @@ def load_models(args, device):
     if not args.rm and not os.path.isfile(os.path.join(rm_model, "head.safetensors")):
         raise FileNotFoundError(f"{rm_model}: --rm '' needs a merged reward model (`mrrm.py train --export`) "
                                 "with head.safetensors; this folder has none")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = mrrm.precision(device)[0]
     policy = vlm.load_model(args.model, dtype=dtype, device=device)
     proc = vlm.Processor(args.model, policy.cfg)
     torch.manual_seed(args.seed)  # LoRA's A matrices start the same every run
@@ -334,11 +328,6 @@ def load_models(args, device):
     for p in rm.parameters():
         p.requires_grad_(False)
     return policy, proc, rm
-
-
-def _log(out, record):
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def update(policy, opt, params, r, advantages, ref_logp, args, autocast):
@@ -407,7 +396,7 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
 
 
 def train(args):
-    device = pick_device(args.device)
+    device = mrrm.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.temperature <= 0:
@@ -418,26 +407,12 @@ def train(args):
     policy, proc, rm = load_models(args, device)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    autocast = mrrm.precision(device)[1]
     heldout = shapeworld_prompts(args.eval_prompts, "heldout", args.seed)
     heldout_ids = {s["record"]["id"] for s in heldout}
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    step = 0
-    if args.resume:
-        folder = mrrm.latest_checkpoint(args.out)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: {args.out} has no checkpoint (no latest.json)")
-        state = mrrm.load_checkpoint(folder, params, opt)
-        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
-                   if json.dumps(state["settings"].get(k)) != json.dumps(v)}
-        if changed:
-            raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
-        step = state["step"]
-        mrrm._trim_metrics(args.out, step)
-        print(f"resumed from {folder} at step {step}")
-    elif os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
-        os.remove(os.path.join(args.out, "metrics.jsonl"))
+    step = mrrm.start_or_resume(args.out, args.resume, params, opt, settings)
     print(f"policy {args.model} | {lora.parameter_report(policy)}")
     print(f"reward model {args.rm or args.rm_model} | mode {args.rm_mode} | G {args.group_size} x "
           f"{args.prompts_per_step} prompts | {args.steps} steps | beta {args.beta} | {device}")
@@ -448,7 +423,7 @@ def train(args):
         print(f"eval step {at} | held-out acc sampled {res['acc_sampled']:.3f} | greedy {res['acc_greedy']:.3f} | "
               f"{' '.join(f'{k} {v:.2f}' for k, v in res['acc_greedy_by_category'].items())} | "
               f"{time.time() - t:.1f}s", flush=True)
-        _log(args.out, {"step": at, "eval": res})
+        mrrm.log_metrics(args.out, {"step": at, "eval": res})
         return res
 
     stop = min(args.steps, args.stop_at or args.steps)
@@ -465,7 +440,7 @@ def train(args):
         m["lr"] = lr
         window.append(m)
         timed.append((m["t_gen"], m["t_rm"], m["t_update"]))
-        _log(args.out, {"step": step, **m, "time": time.time() - t0})
+        mrrm.log_metrics(args.out, {"step": step, **m, "time": time.time() - t0})
         if step % args.log_every == 0 or step == stop:
             avg = {k: sum(w[k] for w in window) / len(window)
                    for k in ("loss", "reward_mean", "reward_std", "zero_std_frac", "train_acc", "clip_frac",

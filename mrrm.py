@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import resource
 import shutil
@@ -266,13 +267,17 @@ class RewardModel(nn.Module):
                 "head_hidden": self.head.fc1.out_features}
 
     def save(self, folder, extra=None):
-        from safetensors.torch import save_file
+        """adapter.safetensors + the head and settings (save_head) into `folder`."""
         os.makedirs(folder, exist_ok=True)
         lora.save_lora(self.backbone, os.path.join(folder, "adapter.safetensors"))
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()},
+        self.save_head(folder, extra)
+
+    def save_head(self, folder, extra=None):
+        """head.safetensors and rm_config.json: with an adapter (save) or beside merged weights (export)."""
+        from safetensors.torch import save_file
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                   os.path.join(folder, "head.safetensors"))
-        with open(os.path.join(folder, "rm_config.json"), "w") as f:
-            json.dump({**self.settings(), **(extra or {})}, f, indent=2)
+        _write_json(os.path.join(folder, "rm_config.json"), {**self.settings(), **(extra or {})})
 
     @classmethod
     def load(cls, model, adapter=None, dtype=torch.float32, device="cpu", **settings):
@@ -459,7 +464,6 @@ def _write_json(path, obj):
 
 def rng_state():
     """Every random stream training draws from, as safetensors-ready tensors + JSON."""
-    import random
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -469,7 +473,6 @@ def rng_state():
 
 
 def set_rng_state(tensors, info):
-    import random
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))])
@@ -586,7 +589,8 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
             vid = obj.get("video")
             if isinstance(vid, str):
                 videos = [_resolve(vid, base)]
-                problems += [f"{where}: video: {videos[0]}: not found" for _ in [0] if not os.path.exists(videos[0])]
+                if not os.path.exists(videos[0]):
+                    problems.append(f"{where}: video: {videos[0]}: not found")
             elif isinstance(vid, list):
                 videos = [[_resolve(p, base) for p in vid]]
                 problems += [f"{where}: video: frame {p}: file not found" for p in videos[0] if not os.path.isfile(p)]
@@ -793,10 +797,17 @@ def pick_device(name):
     return name
 
 
+def precision(device):
+    """(weights dtype, autocast context) for a device: bf16 weights and bf16 autocast on CUDA (LoRA,
+    the head and the losses stay fp32), plain fp32 on CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16, torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.float32, contextlib.nullcontext()
+
+
 def build_rm(args, device):
     """Backbone (bf16 on CUDA, fp32 on CPU) + LoRA (fp32) + value head (fp32)."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    backbone = vlm.load_model(args.model, dtype=dtype, device=device)
+    backbone = vlm.load_model(args.model, dtype=precision(device)[0], device=device)
     proc = vlm.Processor(args.model, backbone.cfg)
     torch.manual_seed(args.seed)  # LoRA A and the head start the same every time
     rm = RewardModel(backbone, proc, args.head_hidden, args.sep_token, args.max_len, args.max_responses)
@@ -806,19 +817,35 @@ def build_rm(args, device):
     return rm.to(device)
 
 
-def _log(out, record):
+def log_metrics(out, record):
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def _trim_metrics(out, step):
-    """On resume, forget what the interrupted run logged after its last checkpoint."""
+def start_or_resume(out, resume, named_params, optimizer, settings):
+    """A fresh run starts a new metrics.jsonl at step 0; --resume restores parameters, optimizer and
+    RNG from out's latest checkpoint, refuses changed `settings`, forgets what the interrupted run
+    logged after that checkpoint, and returns its step. Used by mrrm.py train and grpo.py."""
     path = os.path.join(out, "metrics.jsonl")
+    if not resume:
+        if os.path.isfile(path):
+            os.remove(path)
+        return 0
+    folder = latest_checkpoint(out)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint (no latest.json)")
+    state = load_checkpoint(folder, named_params, optimizer)
+    changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
+               if json.dumps(state["settings"].get(k)) != json.dumps(v)}
+    if changed:
+        raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
     if os.path.isfile(path):
         with open(path) as f:
-            keep = [l for l in f if json.loads(l).get("step", 0) <= step]
+            keep = [l for l in f if json.loads(l).get("step", 0) <= state["step"]]
         with open(path, "w") as f:
             f.writelines(keep)
+    print(f"resumed from {folder} at step {state['step']}")
+    return state["step"]
 
 
 def export(rm, out, model_folder, settings):
@@ -832,10 +859,7 @@ def export(rm, out, model_folder, settings):
     for name in os.listdir(model_folder):  # tokenizer and processor files; config and weights are new
         if name.endswith((".json", ".txt", ".jinja")) and name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(os.path.join(model_folder, name), os.path.join(merged, name))
-    from safetensors.torch import save_file
-    save_file({k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()},
-              os.path.join(merged, "head.safetensors"))
-    _write_json(os.path.join(merged, "rm_config.json"), {**rm.settings(), **settings})
+    rm.save_head(merged, settings)
     return merged
 
 
@@ -860,29 +884,15 @@ def train(args):
     params = {n: p for n, p in rm.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    step = 0
-    if args.resume:
-        folder = latest_checkpoint(args.out)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: {args.out} has no checkpoint (no latest.json)")
-        state = load_checkpoint(folder, params, opt)
-        changed = {k: (state["settings"].get(k), v) for k, v in settings.items()
-                   if json.dumps(state["settings"].get(k)) != json.dumps(v)}
-        if changed:
-            raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
-        step = state["step"]
-        _trim_metrics(args.out, step)
-        print(f"resumed from {folder} at step {step}")
-    else:
+    step = start_or_resume(args.out, args.resume, params, opt, settings)
+    if not args.resume:
         torch.manual_seed(args.seed)
-        if os.path.isfile(os.path.join(args.out, "metrics.jsonl")):
-            os.remove(os.path.join(args.out, "metrics.jsonl"))
     trainable, count = lora.count_parameters(rm)
     print(f"{len(samples)} train / {len(heldout)} held-out samples | {total} steps of {args.batch_size} "
           f"({accum} x {args.micro_batch}) | mode {args.mode} | loss {args.loss} | {device} | "
           f"trainable {trainable:,} of {count:,} parameters")
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    autocast = precision(device)[1]
     cache = PromptCache(rm, int(args.cache_gb * 2**30))
     loss_fn = LOSSES[args.loss]
     stop = min(total, args.stop_at or total)
@@ -925,7 +935,7 @@ def train(args):
             eta = time_timed / steps_timed * (stop - step)
             print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
                   f"tok/s {tokens / time_timed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
-            _log(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
+            log_metrics(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
                             "tokens_per_s": tokens / time_timed, "time": elapsed})
             window = []
         if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
@@ -933,7 +943,7 @@ def train(args):
             res = summarize(rows)
             print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
                   f"tau {res['kendall_tau']:.3f}", flush=True)
-            _log(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
+            log_metrics(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
         if args.save_every and step % args.save_every == 0 or step == stop:
             save_checkpoint(args.out, step, params, opt, {"settings": settings}, args.keep_checkpoints)
 
@@ -948,7 +958,7 @@ def train(args):
         print(f"held-out ({len(heldout)} samples): best-of-N {result['best_of_n']:.3f} | pairwise "
               f"{result['pairwise']:.3f} | Kendall tau {result['kendall_tau']:.3f} | exact ranking "
               f"{result['exact_ranking']:.3f} (chance best-of-N ~ {sum(1 / len(s.responses) for s in heldout) / len(heldout):.2f})")
-        _log(args.out, {"step": step, "eval": {k: v for k, v in result.items() if k != "per_category"}, "final": True})
+        log_metrics(args.out, {"step": step, "eval": {k: v for k, v in result.items() if k != "per_category"}, "final": True})
     if step < total:
         print(f"stopped at step {step} of {total} (--stop-at); continue with --resume")
     elif args.export:
@@ -973,8 +983,7 @@ def load_trained(args, device):
         else:
             raise FileNotFoundError(f"{adapter}/rm_config.json: not found; --adapter must be a folder written by "
                                     f"`mrrm.py train`")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return RewardModel.load(args.model, adapter=adapter, dtype=dtype, device=device)
+    return RewardModel.load(args.model, adapter=adapter, dtype=precision(device)[0], device=device)
 
 
 def evaluate_cmd(args):
@@ -984,7 +993,7 @@ def evaluate_cmd(args):
     samples = load_samples(args.data, args.image_root, args.skip_bad, rm.max_responses)
     saved = _read_rm_config(args.adapter) if args.adapter and os.path.isfile(os.path.join(args.adapter, "rm_config.json")) else {}
     mode = args.mode or saved.get("mode", "joint")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
+    autocast = precision(device)[1]
     t0 = time.time()
     rows, scores = evaluate(rm, samples, mode, args.orders, args.batch_size, autocast=autocast)
     report = protocol_report(args.protocol, rows)

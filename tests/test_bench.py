@@ -4,7 +4,6 @@ the LoRA training step and decoding on a tiny random checkpoint (CPU, a few seco
 import argparse
 import json
 import math
-import sys
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import lora
 import mrrm
 import vlm
 from data import shapeworld
