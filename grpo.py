@@ -405,6 +405,7 @@ def train(args):
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare within a group")
     policy, proc, rm = load_models(args, device)
+    policy.grad_checkpointing = args.grad_ckpt
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     autocast = mrrm.precision(device)[1]
@@ -495,6 +496,90 @@ def profile(rm, images, questions, texts, timed, repeats=5):
     return (gen, rew, upd), cost
 
 
+def bench(args):
+    """--bench POLICY:RM (sizes from `mrrm.py bench --config`, e.g. 2b:4b): one GRPO step at real
+    Qwen3-VL sizes with random weights, no download. One prompt with a --bench-image-tokens image,
+    G = --group-size samples of exactly --max-new-tokens tokens (no stop token), the reward pass over
+    the group three ways (joint, independent, G separate sequences), the reference pass (beta > 0)
+    and one policy update. A warm-up step first; prints seconds per phase and the step's peak memory."""
+    device = mrrm.pick_device(args.device)
+    dtype, autocast = mrrm.precision(device)
+    sizes = args.bench.split(":")
+    if len(sizes) != 2 or any(s not in ("tiny", *mrrm.BENCH_SIZES) for s in sizes):
+        raise ValueError(f"--bench {args.bench!r}: expected POLICY:RM, each one of tiny, {', '.join(mrrm.BENCH_SIZES)}")
+    build = lambda size: mrrm.bench_model(argparse.Namespace(config=size, model=""), torch.device(device), dtype)
+    policy, sep_id, _ = build(sizes[0])
+    rm_backbone, _, _ = build(sizes[1])
+    head = mrrm.ValueHead(rm_backbone.cfg.text.hidden_size).to(device)
+    torch.manual_seed(args.seed)
+    lora.inject_lora(policy, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    policy.grad_checkpointing = args.grad_ckpt
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=args.lr)
+    ids, pos, pixels, grid = mrrm.synthetic_prompt(policy.cfg, args.bench_image_tokens, 50, torch.Generator().manual_seed(0))
+    prompt = vlm.Batch(ids[None].to(device), pos[:, None].to(device), None if pixels is None else pixels.to(device),
+                       None if grid is None else grid.to(device))
+    gen = torch.Generator(device).manual_seed(args.seed)
+    media = (policy.cfg.image_token_id, policy.cfg.video_token_id)
+
+    def reward_fn(texts, mode):
+        one = lambda rs, m: mrrm.pack(ids, pos, rs, sep_id, m, pixel_values=pixels, grid_thw=grid)
+        if mode == "separate":  # the single-response reward model: one padded row per (prompt, response)
+            b = mrrm.collate([one([t], "joint") for t in texts], "joint")
+        else:
+            b = mrrm.collate([one(texts, mode)], mode)
+        return mrrm.score_fn(rm_backbone, head, b, torch.device(device), causal=mode == "joint")
+
+    for attempt in ("warm-up", "timed"):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t = {}
+        sync(device)
+        t0 = time.time()
+        with torch.no_grad(), autocast:
+            policy.eval()
+            out = vlm.generate(policy, prompt, args.max_new_tokens, n=args.group_size, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, generator=gen)
+        out = cut_at_media_tokens(out, media)
+        sync(device)
+        t["generation"] = time.time() - t0
+        texts = [toks or [sep_id] for toks in out["tokens"]]
+        for mode in ("joint", "independent", "separate"):
+            fn = reward_fn(texts, mode)
+            sync(device)
+            t0 = time.time()
+            with torch.no_grad(), autocast:
+                rewards = fn()[:, :args.group_size].float().reshape(1, -1)
+            sync(device)
+            t[f"reward {mode}"] = time.time() - t0
+        r = pack_rollouts([prompt], [out])
+        t0 = time.time()
+        ref_logp = None
+        if args.beta:
+            with torch.no_grad(), lora.adapter_disabled(policy), autocast:
+                ref_logp, _ = token_logprobs(policy, r, args.temperature)
+        sync(device)
+        t["reference"] = time.time() - t0
+        t0 = time.time()
+        adv, _ = group_advantages(rewards.cpu(), args.adv_std)
+        update(policy, opt, params, r, adv.flatten(), ref_logp, args, autocast)
+        sync(device)
+        t["update"] = time.time() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else mrrm.peak_memory_gb(torch.device("cpu"))
+    tokens = int(r.completion_mask.sum())
+    step = t["generation"] + t[f"reward {args.rm_mode}"] + t["reference"] + t["update"]
+    print(f"grpo bench | policy {sizes[0]} ({sum(p.numel() for p in policy.parameters()) / 1e9:.3g}B) + LoRA r {args.lora_r} | "
+          f"reward model {sizes[1]} ({sum(p.numel() for p in rm_backbone.parameters()) / 1e9:.3g}B) | {device} {str(dtype)[6:]} | "
+          f"image {args.bench_image_tokens} tokens | G {args.group_size} x {args.max_new_tokens} new tokens "
+          f"({tokens} sampled) | activation checkpointing {'on' if args.grad_ckpt else 'off'}")
+    print(f"grpo bench | step {step:.3f}s ({args.rm_mode} reward) | generation {t['generation']:.3f}s "
+          f"({tokens / t['generation']:,.0f} tok/s) | reward joint {t['reward joint'] * 1e3:.1f} ms, independent "
+          f"{t['reward independent'] * 1e3:.1f} ms, {args.group_size} separate sequences {t['reward separate'] * 1e3:.1f} ms "
+          f"(separate/joint {t['reward separate'] / t['reward joint']:.2f}x) | reference {t['reference']:.3f}s | "
+          f"update {t['update']:.3f}s | peak memory {mem:.2f} GiB")
+    return {**t, "step": step, "tokens": tokens, "peak_gib": mem}
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -537,6 +622,8 @@ def parser():
     g.add_argument("--mask-truncated", action=argparse.BooleanOptionalAction, default=False,
                    help="leave completions that hit --max-new-tokens out of the loss")
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing in the policy update (recompute instead of storing; for long completions)")
     g = ap.add_argument_group("run")
     g.add_argument("--out", default="runs/grpo")
     g.add_argument("--seed", type=int, default=0)
@@ -550,11 +637,16 @@ def parser():
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (always at the end)")
     g.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     g.add_argument("--profile", action="store_true", help="print the time split and the joint/independent reward cost")
+    g = ap.add_argument_group("bench: one step at real sizes, random weights (trains nothing)")
+    g.add_argument("--bench", default="", metavar="POLICY:RM",
+                   help="e.g. 2b:4b (sizes of `mrrm.py bench --config`); with -G, --max-new-tokens, --grad-ckpt, --beta")
+    g.add_argument("--bench-image-tokens", type=int, default=1024, help="merged image tokens in the bench prompt")
     return ap
 
 
 def main(argv=None):
-    return mrrm.run_cli(train, parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    return mrrm.run_cli(bench if args.bench else train, args)
 
 
 if __name__ == "__main__":

@@ -1321,46 +1321,90 @@ def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak):
 # --- training step and decoding ------------------------------------------------------------------
 
 
-def bench_train(args, model, sep_id, device, dtype, peak):
-    """One optimizer step of LoRA + value head on one packed sequence: forward, listwise CE, backward, AdamW."""
-    cfg, gen = model.cfg, torch.Generator().manual_seed(1)
+def train_inputs(args, cfg, sep_id, device):
+    """The one packed sequence and ranks every train-step row uses (the same seed: the same tokens)."""
+    gen = torch.Generator().manual_seed(1)
     ids, pos, pixels, grid = synthetic_prompt(cfg, args.image_tokens, args.prompt_len, gen)
     responses = [torch.randint(20, min(cfg.text.vocab_size, 150_000), (args.resp_len,), generator=gen).tolist()
                  for _ in range(args.n)]
     b = collate([pack(ids, pos, responses, sep_id, args.mode, pixel_values=pixels, grid_thw=grid)], args.mode)
-    lora.inject_lora(model, r=args.lora_r, alpha=2 * args.lora_r, targets=lora.DEFAULT_TARGETS)
-    head = ValueHead(cfg.text.hidden_size).to(device)
-    model.train()
-    model.grad_checkpointing = args.grad_ckpt
-    model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    run = score_fn(model, head, b, device, causal=args.mode == "joint")
     ranks = torch.randperm(args.n, generator=gen)[None].to(device) + 1
-    valid = torch.ones(1, args.n, dtype=torch.bool, device=device)
+    return b, ranks, torch.ones(1, args.n, dtype=torch.bool, device=device)
+
+
+def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, peak, impl):
+    """One row: median time of forward -> listwise CE -> backward -> AdamW, and its FLOPs and memory."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        loss, _ = listwise_ce_loss(run().float(), ranks, valid)
+        loss, _ = listwise_ce_loss(forward().float(), ranks, valid)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
-    row = {"row": f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")}
+    row = {"row": name}
     try:
         sec, mem, _ = timed(step, device, args.warmup, args.repeats)
-        T = b.input_ids.shape[1]
-        pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], model.attn_impl)[0]
+        T, grid = b.input_ids.shape[1], b.grid_thw
+        pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], impl)[0]
         f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n)
         # the base weights are frozen: backward is the input gradient (one more forward's matmuls) through
         # the decoder only; no weight gradients except LoRA's (r / hidden of that), no recompute counted
         flops = f["vision"] + 2 * (f["total"] - f["vision"])
         tflops = flops / sec / 1e12
         row.update({"tokens": T, "ms": sec * 1e3, "tok/s": T / sec, "TFLOP": flops / 1e12, "TFLOP/s": tflops,
-                    "MFU %": 100 * tflops / peak, "mem GiB": mem,
-                    "trainable M": sum(p.numel() for p in params) / 1e6})
+                    "MFU %": 100 * tflops / peak, "mem GiB": mem, "trainable M": sum(p.numel() for p in params) / 1e6})
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return [row]
+    return row
+
+
+def bench_train(args, model, sep_id, device, dtype, peak):
+    """One optimizer step of LoRA + value head on one packed sequence: forward, listwise CE, backward, AdamW."""
+    cfg = model.cfg
+    b, ranks, valid = train_inputs(args, cfg, sep_id, device)
+    lora.inject_lora(model, r=args.lora_r, alpha=2 * args.lora_r, targets=lora.DEFAULT_TARGETS)
+    head = ValueHead(cfg.text.hidden_size).to(device)
+    model.train()
+    model.grad_checkpointing = args.grad_ckpt
+    model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")
+    return [time_train_step(name, score_fn(model, head, b, device, causal=args.mode == "joint"), params,
+                            b, ranks, valid, cfg, args, device, peak, model.attn_impl)]
+
+
+def bench_train_reference(args, cfg, sep_id, device, dtype, peak):
+    """The same step through transformers' Qwen3-VL + peft's LoRA (same targets, rank, alpha, activation
+    checkpointing), built alone on the device after our model is freed, so peak memory compares fairly.
+    [] when transformers or peft is not installed."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    except ImportError:
+        return []
+    b, ranks, valid = train_inputs(args, cfg, sep_id, device)
+    with torch.device(device):
+        hf = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**cfg.to_dict()), dtype=dtype)
+    hf = get_peft_model(hf, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                       target_modules=lora.DEFAULT_TARGETS[0]))  # a str: a regex, full match
+    if args.grad_ckpt:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.train()
+    head = ValueHead(cfg.text.hidden_size).to(device)
+    ids, pos, sep = b.input_ids.to(device), b.position_ids.to(device), b.sep_index.to(device)
+    kw = dict(pixel_values=b.pixel_values.to(device), image_grid_thw=b.grid_thw.to(device),
+              mm_token_type_ids=(ids == cfg.image_token_id).int()) if b.pixel_values is not None else {}
+    if args.mode == "independent":
+        kw["attention_mask"] = b.mask.to(device)[:, None]  # (B, 1, T, T), passed through as is
+    inner = hf.base_model.model.model  # Qwen3VLModel: hidden states, no vocabulary projection
+
+    def forward():
+        h = inner(input_ids=ids, position_ids=pos, **kw).last_hidden_state
+        return head(h.gather(1, sep[..., None].expand(-1, -1, h.shape[-1])))
+    params = [p for p in hf.parameters() if p.requires_grad] + list(head.parameters())
+    name = f"transformers+peft r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")
+    return [time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, peak, "sdpa")]
 
 
 @torch.no_grad()
@@ -1429,7 +1473,7 @@ def bench(args):
     if args.flex is None:
         args.flex = device.type == "cuda"
     if args.transformers is None:
-        args.transformers = not args.train and not args.generate
+        args.transformers = not args.generate
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -1452,6 +1496,15 @@ def bench(args):
         print_table(f"decoding: {args.samples} samples x {args.new_tokens} tokens, temperature 1", out["generate"])
     if args.train:
         out["train"] = bench_train(args, model, sep_id, device, dtype, peak)
+        if args.transformers:
+            cfg = model.cfg
+            del model  # freed first: the reference's peak memory must not include our copy
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            out["train"] += bench_train_reference(args, cfg, sep_id, device, dtype, peak)
+            if len(out["train"]) == 2 and all("tok/s" in r for r in out["train"]):
+                out["train"][0]["speedup"] = out["train"][0]["tok/s"] / out["train"][1]["tok/s"]
+                out["train"][1]["speedup"] = 1.0
         print_table("train step: LoRA + value head, forward + backward + AdamW "
                     "(TFLOP: vision forward + 2 x decoder forward, recompute not counted)", out["train"])
     if args.json:
