@@ -852,15 +852,23 @@ def rope_positions(ids, grid_thw, cfg):
 
 
 class KVCache:
-    """Preallocated keys/values per layer: (B, n_kv, max_len, head_dim). `length` tokens are filled."""
+    """Preallocated keys/values per layer: (B, n_kv, max_len, head_dim). `length` tokens are filled.
+    With `index` set (a (1,) long tensor on the device) the cache is static: update() writes at
+    `index` and returns the whole buffer, so a decoding step has the same shapes every time and can
+    be captured once as a CUDA graph; the caller masks the slots past `index`."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
+        self.index = None
 
     def update(self, layer, k, v):
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         T = k.shape[2]
         self.k[layer][:, :, self.length:self.length + T] = k
         self.v[layer][:, :, self.length:self.length + T] = v
@@ -888,20 +896,72 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+class DecodeStep:
+    """One decoding step for n samples over a static cache: (tokens (n,), position) -> logits (n, V).
+    Eager it is a plain forward. With graph=True (CUDA) the step is captured once as a CUDA graph and
+    replayed: a 2B model's ~1,000 small kernels per token then cost one launch instead of ~1,000
+    Python dispatches, which is what bounds decoding at small batch. Shapes never change: the new key
+    and value land at cache.index and attention runs over the whole buffer, masked past the index."""
+
+    def __init__(self, model, cache, n, graph=False):
+        self.model, self.cache, self.graph = model, cache, None
+        d = cache.k[0].device
+        self.slots = torch.arange(cache.k[0].shape[2], device=d)
+        cache.index = torch.tensor([cache.length], device=d)
+        self.tok = torch.zeros(n, 1, dtype=torch.long, device=d)  # inputs the graph reads
+        self.pos = torch.zeros(3, n, 1, dtype=torch.long, device=d)
+        if graph:
+            # autocast's cache of cast weights must not live in the graph's memory pool
+            amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+            side = torch.cuda.Stream(d)
+            side.wait_stream(torch.cuda.current_stream(d))
+            with torch.cuda.stream(side), amp:  # warm-up outside the graph (lazy inits, kernel selection)
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream(d).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), amp:
+                self.logits = self._forward()
+        # the warm-up and capture wrote at cache.index = the next free slot: the first real step overwrites it
+
+    def _forward(self):
+        mask = (self.slots <= self.cache.index).expand(self.tok.shape[0], 1, -1)  # (n, 1, max_len)
+        h = self.model(self.tok, position_ids=self.pos, mask=mask, cache=self.cache, return_hidden=True)
+        return self.model.logits(h[:, -1]).float()
+
+    def __call__(self, tok, position):
+        self.tok.copy_(tok[:, None])
+        self.pos.fill_(position)
+        if self.graph is None:
+            out = self._forward()
+        else:
+            self.graph.replay()
+            out = self.logits.clone()  # the next replay overwrites the graph's output
+        self.cache.index += 1
+        return out
+
+
 @torch.no_grad()
 def generate(model, batch, max_new_tokens=64, n=1, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
-             generator=None, return_logits=False):
+             generator=None, return_logits=False, cuda_graph=None):
     """n completions of one prompt from a single prefill. Returns a dict with `tokens` (list of n
     lists, stop token included when hit), `finished` (n bools: stopped before the length limit),
     `logprobs` (per sampled token, of log_softmax(logits / temperature), before top-k/top-p) and,
-    with return_logits, the raw next-token logits of every step (n, steps, V)."""
+    with return_logits, the raw next-token logits of every step (n, steps, V). cuda_graph (default:
+    on for CUDA) replays each decoding step as one captured CUDA graph (DecodeStep); off, each step
+    is a plain forward over the cache."""
     T = batch.input_ids.shape[1]
     p = next(model.parameters())
+    if cuda_graph is None:
+        cuda_graph = p.device.type == "cuda"
     cache = KVCache(model.cfg.text, 1, T + max_new_tokens, p.dtype, p.device)
     h = model(batch.input_ids, batch.pixel_values, batch.grid_thw, batch.position_ids, cache=cache, return_hidden=True)
     cache.expand(n)
     logits = model.logits(h[:, -1]).float().expand(n, -1)
     next_pos = int(batch.position_ids.max()) + 1
+    # CPU: the plain cached forward (slicing the cache to its length beats masking the whole buffer)
+    decode = DecodeStep(model, cache, n, graph=True) if cuda_graph and max_new_tokens > 1 else None
     stop = torch.tensor(list(stop_ids) or [-1], device=p.device)
     tokens, logps, all_logits = [], [], []
     done = torch.zeros(n, dtype=torch.bool, device=p.device)
@@ -913,11 +973,14 @@ def generate(model, batch, max_new_tokens=64, n=1, temperature=0.0, top_k=0, top
         logps.append(scaled.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
         tokens.append(tok)
         done = done | torch.isin(tok, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or bool(done.all()):
             break
-        pos = torch.full((3, n, 1), next_pos + step, device=p.device)
-        h = model(tok[:, None], position_ids=pos, cache=cache, return_hidden=True)
-        logits = model.logits(h[:, -1]).float()
+        if decode is not None:
+            logits = decode(tok, next_pos + step)
+        else:
+            pos = torch.full((3, n, 1), next_pos + step, device=p.device)
+            h = model(tok[:, None], position_ids=pos, cache=cache, return_hidden=True)
+            logits = model.logits(h[:, -1]).float()
     tokens, logps = torch.stack(tokens, 1), torch.stack(logps, 1)  # (n, steps)
     out_tokens, finished = [], []
     for i in range(n):

@@ -11,8 +11,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 python3 -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" || true
 
+# ONLY="name ..." runs just those (e.g. ONLY="gen_2b_g8 grpo_2b_4b" bash .ci/gpu_bench.sh)
+only() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 run() {  # name, seconds, bench arguments...
   local name=$1 secs=$2; shift 2
+  only "$name" || return 0
   echo; echo "=== $name ==="
   timeout "$secs" python3 mrrm.py bench --json "$OUT/$name.json" "$@" 2>"$OUT/$name.err"
   local rc=$?
@@ -28,15 +32,16 @@ run fwd_4b_n4 100 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5 -
 run train_4b_r16 100 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 1 --repeats 3
 run train_4b_r128 60 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 128 --warmup 1 --repeats 3 --no-transformers
 # GRPO step: 2B policy + 4B reward model, G = 8 completions of 256 tokens, one 1,024-token image
-echo; echo "=== grpo_2b_4b ==="
-timeout 100 python3 grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --bench-image-tokens 1024 --grad-ckpt 2>"$OUT/grpo.err" \
+only grpo_2b_4b && echo && echo "=== grpo_2b_4b ===" && timeout 100 python3 grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --bench-image-tokens 1024 --grad-ckpt 2>"$OUT/grpo.err" \
   || { echo "FAILED grpo_2b_4b"; tail -n 5 "$OUT/grpo.err"; }
 # independent mode through FlexAttention block masks (compiled: the first call pays for it), same N = 4 input
 run fwd_4b_n4_flex 90 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5 --flex --no-transformers
 # GRPO-style decoding, 2B: G = 8 samples of 256 tokens from one prefill vs re-running the full forward
-run gen_2b_g8 70 --config 2b $IMG --generate --samples 8 --new-tokens 256 --nocache-steps 16 --warmup 1 --repeats 2
+run gen_2b_g8 100 --config 2b $IMG --generate --samples 8 --new-tokens 256 --nocache-steps 16 --warmup 1 --repeats 2
 # the same forward with N = 8 (packing's gain grows with N); transformers left out to save time
 run fwd_4b_n8 60 --config 4b $IMG --n 8 --resp-len 128 --warmup 2 --repeats 5 --no-transformers
+# torch.compile of the decoder layers (compile time not counted: the warm-up calls pay it)
+run fwd_4b_n4_compile 150 --config 4b $IMG --n 4 --resp-len 128 --warmup 3 --repeats 5 --compile --no-flex --no-transformers
 
 echo; echo "=== all runs: one table (figures also in $OUT/*.json) ==="
 python3 - "$OUT" <<'EOF'

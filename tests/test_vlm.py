@@ -364,6 +364,29 @@ def test_each_of_g_samples_sees_logits_of_its_own_prefix(tiny):
         assert diff <= 1e-4, f"sample {i}: cached vs uncached logits differ by {diff:.2e}"
 
 
+def test_static_decode_step_equals_plain_cached_step(tiny):
+    # DecodeStep is what generate() captures as a CUDA graph; here it runs eagerly on the CPU: writing
+    # at cache.index and masking the whole buffer must give the logits of slicing the cache to its length
+    model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
+    assert model.cfg.text.num_key_value_heads < model.cfg.text.num_attention_heads  # the GQA path too
+    batch = proc.chat(images=[random_image(40, 60, 5)], text="How many shapes?")
+    T, n, steps = batch.input_ids.shape[1], 3, 5
+    caches = [vlm.KVCache(model.cfg.text, 1, T + steps + 2, torch.float32, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(batch.input_ids, batch.pixel_values, batch.grid_thw, batch.position_ids, cache=c)
+            c.expand(n)
+        step = vlm.DecodeStep(model, caches[1], n)
+        first = int(batch.position_ids.max()) + 1
+        tok = torch.tensor([5, 9, 17])
+        for s in range(steps):
+            h = model(tok[:, None], position_ids=torch.full((3, n, 1), first + s), cache=caches[0], return_hidden=True)
+            want, got = model.logits(h[:, -1]), step(tok, first + s)
+            assert (want - got).abs().max() <= 1e-5, f"step {s}"
+            tok = want.argmax(-1) if s % 2 else torch.randint(20, 200, (n,))  # samples diverge, as in sampling
+    assert int(caches[1].index) == T + steps
+
+
 def test_generation_stops_at_stop_token_and_flags_length_limit(tiny):
     model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
     batch = proc.chat(text="hello")
