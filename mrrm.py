@@ -1368,8 +1368,11 @@ def bench_train(args, model, sep_id, device, dtype, peak):
     model.train()
     model.grad_checkpointing = args.grad_ckpt
     model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
+    if args.compile:
+        for layer in model.model.language_model.layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")
+    name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "") + (" compile" if args.compile else "")
     return [time_train_step(name, score_fn(model, head, b, device, causal=args.mode == "joint"), params,
                             b, ranks, valid, cfg, args, device, peak, model.attn_impl)]
 
@@ -1534,7 +1537,7 @@ def add_bench_args(subparsers):
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for the forward rows")
+    g.add_argument("--compile", action="store_true", help="torch.compile our decoder layers (forward rows and --train)")
     g.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                    help="also run independent mode through FlexAttention block masks (default: on CUDA)")
     g.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,
