@@ -151,6 +151,16 @@ def test_bench_train_step_reports_throughput_and_trainable_parameters(tiny, caps
     assert "train r=4 independent ckpt" in capsys.readouterr().out
 
 
+def test_bench_train_reference_is_transformers_plus_peft_on_the_same_modules(tiny):
+    pytest.importorskip("peft")
+    out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--transformers"] + SIZES)
+    ours, ref = out["train"]
+    assert ref["row"].startswith("transformers+peft") and "error" not in ref, ref
+    # the same target modules and rank, so the same number of trainable parameters (LoRA + value head)
+    assert ref["trainable M"] == ours["trainable M"] and ref["tokens"] == ours["tokens"], (ours, ref)
+    assert ours["speedup"] == pytest.approx(ours["tok/s"] / ref["tok/s"]) and ref["speedup"] == 1.0
+
+
 def test_bench_generate_times_cached_decoding_against_the_no_cache_baseline(tiny):
     out = run_bench(["--model", tiny, "--generate", "--samples", "3", "--new-tokens", "4", "--nocache-steps", "2"] + SIZES)
     cached, baseline = out["generate"]

@@ -379,3 +379,17 @@ def test_a_missing_reward_model_says_to_train_one_first(folder, tmp_path, capsys
     with pytest.raises(SystemExit):
         cli(folder, str(tmp_path / "no-rm"), tmp_path / "run", "--steps", "1")
     assert "run `python mrrm.py train` first" in capsys.readouterr().err
+
+
+def test_bench_step_runs_every_phase_at_tiny_sizes():
+    t = grpo.main(["--bench", "tiny:tiny", "-G", "3", "--max-new-tokens", "5", "--bench-image-tokens", "16",
+                   "--threads", "1"])
+    assert 0 < t["tokens"] <= 3 * 5  # completions cut at a sampled image pad are shorter
+    for phase in ("generation", "reward joint", "reward independent", "reward separate", "reference", "update"):
+        assert t[phase] > 0, phase
+    assert t["step"] == pytest.approx(t["generation"] + t["reward joint"] + t["reference"] + t["update"])
+
+
+def test_bench_rejects_unknown_sizes():
+    with pytest.raises(SystemExit):
+        grpo.main(["--bench", "2b:5b"])
