@@ -18,6 +18,7 @@ Run (the embedded default: shape-world on CPU; needs `python mrrm.py train` firs
     python grpo.py                                   # joint reward passes, the paper
     python grpo.py --rm-mode independent --out runs/grpo-indep   # the baseline, all else equal
     python grpo.py --resume                          # continue runs/grpo from its last checkpoint
+    python grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --grad-ckpt   # one step at real sizes (GPU)
 Every --eval-every steps it prints the policy's exact-answer accuracy on held-out shape-world prompts
 (checked against the generator's ground truth by shapeworld.is_correct, not by the reward model),
 sampled at the training temperature and greedy. metrics.jsonl in --out holds every step; the step
@@ -530,7 +531,7 @@ def bench(args):
             b = mrrm.collate([one(texts, mode)], mode)
         return mrrm.score_fn(rm_backbone, head, b, torch.device(device), causal=mode == "joint")
 
-    for attempt in ("warm-up", "timed"):
+    for _ in range(2):  # a warm-up step, then the timed one
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t = {}
@@ -637,7 +638,7 @@ def parser():
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (always at the end)")
     g.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     g.add_argument("--profile", action="store_true", help="print the time split and the joint/independent reward cost")
-    g = ap.add_argument_group("bench: one step at real sizes, random weights (trains nothing)")
+    g = ap.add_argument_group("bench: one timed step at real sizes with random weights (nothing is saved)")
     g.add_argument("--bench", default="", metavar="POLICY:RM",
                    help="e.g. 2b:4b (sizes of `mrrm.py bench --config`); with -G, --max-new-tokens, --grad-ckpt, --beta")
     g.add_argument("--bench-image-tokens", type=int, default=1024, help="merged image tokens in the bench prompt")

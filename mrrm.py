@@ -26,6 +26,7 @@ reward models, and sequence packing of several prompts into one row.
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -814,9 +815,8 @@ def build_rm(args, device):
     lora.inject_lora(backbone, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=args.lora_targets, use_rslora=args.rslora)
     backbone.grad_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.startswith("cuda")
-    if args.compile:  # the decoder layers only: the vision tower's data-dependent shapes break the graph
-        for layer in backbone.model.language_model.layers:
-            layer.compile()  # packs of new lengths recompile once, then run with dynamic shapes
+    if args.compile:
+        backbone.compile_decoder()
     return rm.to(device)
 
 
@@ -1206,16 +1206,20 @@ def score_fn(model, head, batch, device, causal):
     return run
 
 
+def transformers_model(cfg, device, dtype):
+    """transformers' Qwen3VLForConditionalGeneration of our config, built (randomly initialised) on `device`."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    with torch.device(device):
+        return Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**cfg.to_dict()), dtype=dtype)
+
+
 def transformers_twin(model):
     """transformers' Qwen3VLForConditionalGeneration with our weights copied in, or None when
     transformers is not installed. Our module names are the checkpoint's, so the state dict loads as is."""
-    try:
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         return None
     p = next(model.parameters())
-    with torch.device(p.device):
-        hf = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**model.cfg.to_dict()), dtype=p.dtype)
+    hf = transformers_model(model.cfg, p.device, p.dtype)
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     tied = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -1257,9 +1261,8 @@ def bench_forward(args, model, sep_id, device, dtype, peak):
         ("independent", [collate([one(responses, "independent")], "independent")], True, 1, "sdpa")]
     if args.flex:
         cases.append(("independent flex", cases[-1][1], True, 1, "flex"))
-    if args.compile:  # the decoder layers only: the vision tower's data-dependent shapes break the graph
-        for layer in model.model.language_model.layers:
-            layer.compile()
+    if args.compile:
+        model.compile_decoder()
     hf = transformers_twin(model) if args.transformers else None
     rows, scores = [], {}
     for name, batches, masked, images, impl in cases:
@@ -1372,8 +1375,7 @@ def bench_train(args, model, sep_id, device, dtype, peak):
     model.grad_checkpointing = args.grad_ckpt
     model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
     if args.compile:
-        for layer in model.model.language_model.layers:
-            layer.compile()
+        model.compile_decoder()
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "") + (" compile" if args.compile else "")
     return [time_train_step(name, score_fn(model, head, b, device, causal=args.mode == "joint"), params,
@@ -1384,16 +1386,13 @@ def bench_train_reference(args, cfg, sep_id, device, dtype, peak):
     """The same step through transformers' Qwen3-VL + peft's LoRA (same targets, rank, alpha, activation
     checkpointing), built alone on the device after our model is freed, so peak memory compares fairly.
     [] when transformers or peft is not installed."""
-    try:
-        from peft import LoraConfig, get_peft_model
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
         return []
+    from peft import LoraConfig, get_peft_model
     b, ranks, valid = train_inputs(args, cfg, sep_id, device)
-    with torch.device(device):
-        hf = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**cfg.to_dict()), dtype=dtype)
-    hf = get_peft_model(hf, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                       target_modules=lora.DEFAULT_TARGETS[0]))  # a str: a regex, full match
+    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                        target_modules=lora.DEFAULT_TARGETS[0])  # a str: one regex, matched in full
+    hf = get_peft_model(transformers_model(cfg, device, dtype), config)
     if args.grad_ckpt:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.train()

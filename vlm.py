@@ -462,6 +462,12 @@ class Qwen3VL(nn.Module):
     def logits(self, hidden):
         return F.linear(hidden, self.output_weight)
 
+    def compile_decoder(self):
+        """torch.compile each decoder layer; the vision tower's data-dependent shapes would break the
+        graph. A batch of new length recompiles once, then the layers run with dynamic shapes."""
+        for layer in self.model.language_model.layers:
+            layer.compile()
+
     def forward(self, input_ids, pixel_values=None, grid_thw=None, position_ids=None, mask=None,
                 cache=None, return_hidden=False):
         """input_ids (B, T); pixel_values (N, C*T*p*p) with grid_thw (n, 3) for every image / video

@@ -128,7 +128,7 @@ def test_position_ids_equal_transformers_rope_index(pair):
 
 
 def reference_image_processor(patch, min_pixels, max_pixels):
-    tr = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
                                     image_std=[0.5] * 3, size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
