@@ -313,10 +313,14 @@ def load_models(args, device):
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"{args.model}: no policy backbone here (config.json missing); the shape-world "
                                 "demo expects data/shapeworld-backbone (python data/pretrain_backbone.py)")
-    rm_model = args.rm_model or args.model
     if args.rm and not os.path.isfile(os.path.join(args.rm, "rm_config.json")):
         raise FileNotFoundError(f"{args.rm}: no trained reward model here (rm_config.json missing); "
                                 "run `python mrrm.py train` first")
+    # the reward model's backbone: --rm-model, else the one it was trained on, else the policy's
+    rm_model = args.rm_model or (args.rm and mrrm._read_rm_config(args.rm).get("base_model")) or args.model
+    if not os.path.isfile(os.path.join(rm_model, "config.json")):
+        raise FileNotFoundError(f"{rm_model}: the reward model's backbone is not here (config.json missing); "
+                                "pass its folder with --rm-model")
     if not args.rm and not os.path.isfile(os.path.join(rm_model, "head.safetensors")):
         raise FileNotFoundError(f"{rm_model}: --rm '' needs a merged reward model (`mrrm.py train --export`) "
                                 "with head.safetensors; this folder has none")
@@ -590,7 +594,7 @@ def parser():
     g = ap.add_argument_group("models")
     g.add_argument("--model", default=DEFAULT_MODEL, help="policy backbone folder (Hub layout); LoRA is trained on it")
     g.add_argument("--rm", default="runs/rm", help="reward model folder written by `mrrm.py train` ('' for a merged --rm-model)")
-    g.add_argument("--rm-model", default="", help="the reward model's backbone folder (default: --model)")
+    g.add_argument("--rm-model", default="", help="the reward model's backbone folder (default: the one --rm was trained on, from its rm_config.json)")
     g.add_argument("--rm-mode", choices=mrrm.MODES, default="joint",
                    help="joint: one pass, responses see each other (the paper); independent: the single-response baseline")
     g.add_argument("--rm-shuffle", action=argparse.BooleanOptionalAction, default=False,

@@ -381,6 +381,20 @@ def test_a_missing_reward_model_says_to_train_one_first(folder, tmp_path, capsys
     assert "run `python mrrm.py train` first" in capsys.readouterr().err
 
 
+def test_the_reward_model_loads_on_the_backbone_it_was_trained_on(folder, rm_dir, tmp_path, capsys):
+    import shutil
+    rm = tmp_path / "rm"
+    shutil.copytree(rm_dir, rm)
+    cfg = json.loads((rm / "rm_config.json").read_text())
+    (rm / "rm_config.json").write_text(json.dumps({**cfg, "base_model": str(tmp_path / "rm-backbone")}))
+    with pytest.raises(SystemExit):
+        cli(folder, str(rm), tmp_path / "run", "--steps", "1", "--eval-every", "0")
+    assert f"{tmp_path / 'rm-backbone'}: the reward model's backbone is not here" in capsys.readouterr().err
+    shutil.copytree(folder, tmp_path / "rm-backbone")
+    cli(folder, str(rm), tmp_path / "run", "--steps", "1", "--eval-every", "0")
+    assert "loss" in read_metrics(tmp_path / "run")[0]
+
+
 def test_bench_step_runs_every_phase_at_tiny_sizes():
     t = grpo.main(["--bench", "tiny:tiny", "-G", "3", "--max-new-tokens", "5", "--bench-image-tokens", "16",
                    "--threads", "1"])
