@@ -14,9 +14,12 @@ One step, top to bottom:
                 eps_low / eps_high (DAPO's clip-higher when they differ), plus beta * k3 KL to the
                 reference = the same weights with the LoRA adapter disabled (no second copy).
 
-Run (the embedded default: shape-world on CPU; needs `python mrrm.py train` first for runs/rm):
+Run (the embedded default: shape-world on CPU; needs `python mrrm.py train` first for runs/rm). The
+policy is data/shapeworld-policy, the backbone made deliberately imperfect (it samples a hedged or
+near-miss answer about half the time); the reward model runs on the backbone it was trained on.
     python grpo.py                                   # joint reward passes, the paper
-    python grpo.py --rm-mode independent --out runs/grpo-indep   # the baseline, all else equal
+    python mrrm.py train --mode independent --out runs/rm-indep     # the single-response baseline RM,
+    python grpo.py --rm runs/rm-indep --rm-mode independent --out runs/grpo-indep   # all else equal
     python grpo.py --resume                          # continue runs/grpo from its last checkpoint
     python grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --grad-ckpt   # one step at real sizes (GPU)
 Every --eval-every steps it prints the policy's exact-answer accuracy on held-out shape-world prompts
@@ -47,7 +50,9 @@ from data import shapeworld
 
 AGGREGATIONS = ("token-mean", "sequence-mean", "constant")
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "data", "shapeworld-backbone")
+# the policy: the shape-world backbone fine-tuned with noisy answers (hedged or near-miss targets half the
+# time; data/pretrain_backbone.py --answer-noise), so it samples the right answer only about half the time
+DEFAULT_MODEL = os.path.join(HERE, "data", "shapeworld-policy")
 # settings that must not change between a run and its --resume
 RESUME_KEYS = ("model", "rm", "rm_model", "rm_mode", "rm_shuffle", "merge_duplicates", "group_size",
                "prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "lora_r", "lora_alpha",
@@ -312,7 +317,7 @@ def load_models(args, device):
     """The policy (backbone + fresh LoRA) and the trained reward model, with clear errors."""
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"{args.model}: no policy backbone here (config.json missing); the shape-world "
-                                "demo expects data/shapeworld-backbone (python data/pretrain_backbone.py)")
+                                "demo expects data/shapeworld-policy (python data/pretrain_backbone.py)")
     if args.rm and not os.path.isfile(os.path.join(args.rm, "rm_config.json")):
         raise FileNotFoundError(f"{args.rm}: no trained reward model here (rm_config.json missing); "
                                 "run `python mrrm.py train` first")
@@ -607,7 +612,8 @@ def parser():
     g = ap.add_argument_group("sampling")
     g.add_argument("--group-size", "-G", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--prompts-per-step", type=int, default=4)
-    g.add_argument("--max-new-tokens", type=int, default=24, help="completion length limit")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="completion length limit (a shape-world "
+                   "description takes up to 42 tokens)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -619,7 +625,7 @@ def parser():
     g.add_argument("--iterations", type=int, default=1, help="mu: optimizer steps per batch of rollouts")
     g.add_argument("--eps-low", type=float, default=0.2, help="ratio clipped below at 1 - eps_low")
     g.add_argument("--eps-high", type=float, default=0.28, help="ratio clipped above at 1 + eps_high (DAPO clip-higher)")
-    g.add_argument("--beta", type=float, default=0.02, help="k3 KL coefficient to the adapter-disabled reference (0: no reference pass)")
+    g.add_argument("--beta", type=float, default=0.1, help="k3 KL coefficient to the adapter-disabled reference (0: no reference pass)")
     g.add_argument("--aggregation", choices=AGGREGATIONS, default="token-mean",
                    help="token-mean, sequence-mean (GRPO paper) or constant (Dr.GRPO: sum / (B * max_new_tokens))")
     g.add_argument("--adv-std", action=argparse.BooleanOptionalAction, default=True,

@@ -20,10 +20,10 @@ The backbone has two jobs:
      can rank responses. The vision tower stays at its random init unless --train-vision: trained
      end to end from scratch this tiny tower drifted and colour answers stayed at chance, so it is
      trained only in a second stage, once the language model reads it (below).
-  2. the GRPO demo's policy, which should be imperfect. --answer-noise (off by default) replaces,
-     after the first --clean-frac of the steps, a target by the sample's rank-2 (hedged) or rank-3
-     (near miss) response with that probability; --init continues from an existing backbone, e.g.
-     to make a noisier policy from this one.
+  2. the start of the GRPO demo's policy, which should be imperfect. --answer-noise (off by
+     default) replaces, after the first --clean-frac of the steps, a target by the sample's rank-2
+     (hedged) or rank-3 (near miss) response with that probability; --init continues from an
+     existing backbone, e.g. to make the noisier policy from this one (below).
 
 Run (once, by developers; the folder is committed), in two stages on a 2-core machine:
     python data/pretrain_backbone.py --out data/shapeworld-backbone --seed 0 --threads 2      # 9,000 steps, 1,072 s
@@ -36,6 +36,11 @@ steps first (3,000 steps: greedy 0.48). Stage 2 unfreezes the vision tower at a 
 learning rate, now that the language model gives it useful gradients: greedy 0.98 (colour 1.00,
 count 1.00, describe 0.94, position 0.96), sampled at T=1 0.95 (pretrain.json holds stage 2's
 settings and accuracies; metrics.jsonl its loss curve).
+
+The GRPO demo's policy (data/shapeworld-policy; 187 s): greedy still 0.95, but sampled at T=1
+only 0.52 of its answers are exact (the rest hedge or miss by one rung):
+    python data/pretrain_backbone.py --init data/shapeworld-backbone --out data/shapeworld-policy \
+        --answer-noise 0.5 --clean-frac 0 --steps 800 --lr 1e-3 --threads 2
 
 Left out: a separate caption-only stage, learning-rate search, mixed precision, any data reuse
 (every step draws fresh scenes; the held-out (image, question) pairs are never trained on), and
