@@ -618,7 +618,7 @@ def parser():
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g = ap.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=400, help="about 7 minutes on 2 CPU cores with the shape-world backbone")
+    g.add_argument("--steps", type=int, default=400, help="about 5 minutes on 2 CPU cores with the shape-world policy")
     g.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; continue with --resume")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=5, help="linear warmup steps, then constant")
