@@ -298,6 +298,16 @@ def test_the_authors_json_layout_and_question_field_load(tmp_path):
     assert [(s.prompt, s.rankings) for s in kept] == [("q1", [2, 1, 3]), ("q2", [1, 2])]
 
 
+def test_independent_warmup_trains_the_first_steps_on_block_masked_packs(world, tmp_path, monkeypatch):
+    modes, encode = [], mrrm.encode_sample
+    monkeypatch.setattr(mrrm, "encode_sample", lambda rm, s, order, mode, cache:
+                        modes.append(mode) or encode(rm, s, order, mode, cache))
+    mrrm.main(args_for(world, tmp_path / "rm", "--steps", "4", "--independent-warmup", "0.5", "--heldout", "",
+                       "--export", "off"))
+    assert modes == ["independent"] * 8 + ["joint"] * 8  # 2 of 4 steps, 4 samples each
+    assert json.loads((tmp_path / "rm" / "rm_config.json").read_text())["mode"] == "joint"
+
+
 def test_the_shapeworld_default_learns_in_a_shortened_run(tmp_path):
     # the default data and backbone, cut to 150 steps of 8 samples (~20 s). Independent mode: joint needs
     # about four times the steps to leave chance (0.36 after 200 steps of 8), independent gets 0.56 here.
