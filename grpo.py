@@ -575,7 +575,7 @@ def bench(args):
         update(policy, opt, params, r, adv.flatten(), ref_logp, args, autocast)
         sync(device)
         t["update"] = time.time() - t0
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else mrrm.peak_memory_gb(torch.device("cpu"))
+    mem = mrrm.peak_memory_gb(torch.device(device))
     tokens = int(r.completion_mask.sum())
     step = t["generation"] + t[f"reward {args.rm_mode}"] + t["reference"] + t["update"]
     print(f"grpo bench | policy {sizes[0]} ({sum(p.numel() for p in policy.parameters()) / 1e9:.3g}B) + LoRA r {args.lora_r} | "

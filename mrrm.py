@@ -1401,16 +1401,8 @@ def bench_train_reference(args, cfg, sep_id, device, dtype, peak):
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.train()
     head = ValueHead(cfg.text.hidden_size).to(device)
-    ids, pos, sep = b.input_ids.to(device), b.position_ids.to(device), b.sep_index.to(device)
-    kw = dict(pixel_values=b.pixel_values.to(device), image_grid_thw=b.grid_thw.to(device),
-              mm_token_type_ids=(ids == cfg.image_token_id).int()) if b.pixel_values is not None else {}
-    if args.mode == "independent":
-        kw["attention_mask"] = b.mask.to(device)[:, None]  # (B, 1, T, T), passed through as is
-    inner = hf.base_model.model.model  # Qwen3VLModel: hidden states, no vocabulary projection
-
-    def forward():
-        h = inner(input_ids=ids, position_ids=pos, **kw).last_hidden_state
-        return head(h.gather(1, sep[..., None].expand(-1, -1, h.shape[-1])))
+    # the wrapped Qwen3VLForConditionalGeneration, its LoRA layers in place: the forward rows' function
+    forward = transformers_score_fn(hf.base_model.model, head, b, device, args.mode)
     params = [p for p in hf.parameters() if p.requires_grad] + list(head.parameters())
     name = f"transformers+peft r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "")
     return [time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, peak, "sdpa")]
