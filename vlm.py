@@ -793,10 +793,11 @@ class Processor:
             groups.append((rows, grid, s))
         return groups
 
-    def encode_user(self, images=(), videos=(), text=""):
+    def encode_user(self, images=(), videos=(), text="", video_fps=None):
         """The user turn and the assistant header as (ids, rows, grids): Qwen3-VL's chat format
         `<|im_start|>user\\n[vision blocks]TEXT<|im_end|>\\n<|im_start|>assistant\\n`, no system prompt.
-        A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair."""
+        A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair; video_fps
+        is the frame rate of frame folders and lists (load_video_frames)."""
         t = self.tok
         ids = [t["<|im_start|>"]] + self.tokenizer.encode("user\n")
         rows, grids = [], []
@@ -806,7 +807,7 @@ class Processor:
             ids += [t["<|vision_start|>"]] + [t["<|image_pad|>"]] * (g[0] * g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
             rows.append(r), grids.append(g)
         for vid in videos:
-            for r, g, s in self.video(vid):
+            for r, g, s in self.video(vid, video_fps):
                 ids += self.tokenizer.encode(f"<{s:.1f} seconds>")
                 ids += [t["<|vision_start|>"]] + [t["<|video_pad|>"]] * (g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
                 rows.append(r), grids.append(g)

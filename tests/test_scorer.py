@@ -98,6 +98,27 @@ def test_padded_batch_of_different_n_and_lengths_equals_single_samples(rm):
             assert diff <= 1e-5, f"{mode} sample {b}: batched vs alone {diff:.2e}"
 
 
+def test_samples_sharing_a_row_score_as_they_do_alone(rm):
+    # several packs in one row (first fit, block-diagonal mask): the media of every pack, a video
+    # included, must reach its own pad tokens, and no pack may see another
+    rng = random.Random(5)
+    media = ["one-image", "none", "video", "two-images", "one-image", "none", "video"]
+    samples = [(f"Question {i}?", random_responses(rng.randint(1, 5), rng), MEDIA[m]) for i, m in enumerate(media)]
+    for mode in mrrm.MODES:
+        packs = [rm.encode(p, r, mode=mode, **m) for p, r, m in samples]
+        lengths = [len(p.input_ids) for p in packs]
+        budget = 2 * max(lengths)
+        rows = mrrm.place(lengths, budget)
+        assert len(rows) < len(packs) and sorted(i for r in rows for i in r) == list(range(len(packs)))
+        assert all(sum(lengths[i] for i in r) <= budget for r in rows)
+        with torch.no_grad():
+            shared = rm(mrrm.collate(packs, mode, row_tokens=budget))
+            alone = rm(mrrm.collate(packs, mode))
+        valid = mrrm.collate(packs, mode).score_valid
+        diff = (shared - alone)[valid].abs().max().item()
+        assert diff <= 1e-5, f"{mode}: shared rows vs one pack per row {diff:.2e}"
+
+
 def test_joint_score_ignores_later_responses_and_depends_on_earlier_ones(rm):
     responses = ["the red circle", "it looks blue", "two squares at the top", "green"]
     base = rm.score(prompt="What?", responses=responses, mode="joint", **MEDIA["one-image"])

@@ -70,6 +70,28 @@ def test_image_root_and_absolute_paths(tmp_path):
     assert [x.images for x in s] == [[str(tmp_path / "media" / "x.png")]] * 2
 
 
+def test_frame_folders_take_their_rate_from_fps_or_sampling_interval(world, tmp_path):
+    from PIL import Image
+    (tmp_path / "clip").mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(tmp_path / "clip" / f"{i:03d}.png")
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2], "video": "clip"}
+    path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "sampling_interval": 4}, {**rec, "fps": 1}, rec,
+                                              {**rec, "fps": 0}, {**rec, "sampling_interval": "4s"}])
+    with pytest.raises(ValueError) as e:
+        mrrm.load_samples(path)
+    assert ":4: fps: expected a positive number" in str(e.value) and ":5: sampling_interval:" in str(e.value)
+    samples = mrrm.load_samples(path, skip_bad=True)
+    assert [s.video_fps for s in samples] == [0.25, 1.0, None]
+    rm = mrrm.RewardModel.load(str(world / "m"))
+    tok = rm.processor.tokenizer
+    # frame pairs (0, 1) and (2, 3) are stamped with their mean time: 4 s apart gives 2 s and 10 s
+    stamps = [tok.decode(mrrm.PromptCache(rm, 0)(s)[0].tolist()) for s in samples]
+    assert "<2.0 seconds>" in stamps[0] and "<10.0 seconds>" in stamps[0]
+    assert "<0.5 seconds>" in stamps[1] and "<2.5 seconds>" in stamps[1]
+    assert "<0.2 seconds>" in stamps[2] and "<1.2 seconds>" in stamps[2]  # the processor's 2 fps
+
+
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         mrrm.load_samples(str(tmp_path / "nope.jsonl"))
