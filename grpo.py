@@ -36,6 +36,7 @@ the vocabulary-chunked log-softmax a 150k vocabulary would want.
 """
 
 import argparse
+import json
 import os
 import random
 import time
@@ -308,11 +309,6 @@ def heldout_accuracy(policy, proc, samples, args, autocast):
 # Training
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def load_models(args, device):
     """The policy (backbone + fresh LoRA) and the trained reward model, with clear errors."""
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -375,7 +371,7 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
     t_start = time.time()
     with autocast:
         prompts, outs, texts = rollout(policy, proc, samples, args, gen)
-    sync(device)
+    mrrm.sync(device)
     t_gen = time.time()
     orders = None
     if args.rm_shuffle:
@@ -386,7 +382,7 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
         rewards = score_groups(rm, images, questions, texts, args.rm_mode, orders)
     if args.merge_duplicates:
         rewards = merge_duplicates(rewards, texts)
-    sync(device)
+    mrrm.sync(device)
     t_rm = time.time()
     adv, metrics = group_advantages(rewards, args.adv_std)
     r = pack_rollouts(prompts, outs)
@@ -395,7 +391,7 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
         with torch.no_grad(), lora.adapter_disabled(policy), autocast:
             ref_logp, _ = token_logprobs(policy, r, args.temperature)
     history = update(policy, opt, params, r, adv.flatten(), ref_logp, args, autocast)
-    sync(device)
+    mrrm.sync(device)
     correct = [shapeworld.is_correct(s["record"], t) for s, group in zip(samples, texts) for t in group]
     metrics.update(history[-1])
     metrics.update(loss=history[0]["loss"], logp_drift=history[0].get("logp_drift", 0.0),  # the on-policy pass
@@ -544,23 +540,23 @@ def bench(args):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t = {}
-        sync(device)
+        mrrm.sync(device)
         t0 = time.time()
         with torch.no_grad(), autocast:
             policy.eval()
             out = vlm.generate(policy, prompt, args.max_new_tokens, n=args.group_size, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, generator=gen)
         out = cut_at_media_tokens(out, media)
-        sync(device)
+        mrrm.sync(device)
         t["generation"] = time.time() - t0
         texts = [toks or [sep_id] for toks in out["tokens"]]
         for mode in ("joint", "independent", "separate"):
             fn = reward_fn(texts, mode)
-            sync(device)
+            mrrm.sync(device)
             t0 = time.time()
             with torch.no_grad(), autocast:
                 rewards = fn()[:, :args.group_size].float().reshape(1, -1)
-            sync(device)
+            mrrm.sync(device)
             t[f"reward {mode}"] = time.time() - t0
         r = pack_rollouts([prompt], [out])
         t0 = time.time()
@@ -568,12 +564,12 @@ def bench(args):
         if args.beta:
             with torch.no_grad(), lora.adapter_disabled(policy), autocast:
                 ref_logp, _ = token_logprobs(policy, r, args.temperature)
-        sync(device)
+        mrrm.sync(device)
         t["reference"] = time.time() - t0
         t0 = time.time()
         adv, _ = group_advantages(rewards.cpu(), args.adv_std)
         update(policy, opt, params, r, adv.flatten(), ref_logp, args, autocast)
-        sync(device)
+        mrrm.sync(device)
         t["update"] = time.time() - t0
     mem = mrrm.peak_memory_gb(torch.device(device))
     tokens = int(r.completion_mask.sum())
@@ -588,6 +584,63 @@ def bench(args):
           f"(separate/joint {t['reward separate'] / t['reward joint']:.2f}x) | reference {t['reference']:.3f}s | "
           f"update {t['update']:.3f}s | peak memory {mem:.2f} GiB")
     return {**t, "step": step, "tokens": tokens, "peak_gib": mem}
+
+
+# -----------------------------------------------------------------------------
+# The accuracy curves of finished runs as one PNG (Pillow only: no plotting library at run time)
+
+
+def eval_curve(run):
+    """[(step, held-out sampled accuracy)] from a run folder's metrics.jsonl (its last entry per step)."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; expected a folder written by grpo.py")
+    points = {}
+    for i, line in enumerate(open(path), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+        if "eval" in rec:
+            points[rec["step"]] = rec["eval"]["acc_sampled"]
+    if not points:
+        raise ValueError(f"{path}: no held-out evaluations (was --eval-every 0?)")
+    return sorted(points.items())
+
+
+def plot(specs, out, size=(720, 420)):
+    """specs: 'RUN' or 'RUN=LABEL' -> a line chart of held-out sampled accuracy against step in `out`."""
+    from PIL import Image, ImageDraw
+    runs = [(s.split("=", 1) + [os.path.basename(os.path.normpath(s))])[:2] for s in specs]
+    curves = [(label, eval_curve(run)) for run, label in runs]
+    W, H = size
+    left, right, top, bottom = 56, 20, 20, 44
+    last = max(step for _, c in curves for step, _ in c) or 1
+    x = lambda step: left + (W - left - right) * step / last
+    y = lambda acc: H - bottom - (H - top - bottom) * acc
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    for k in range(6):  # accuracy gridlines 0, 0.2, ..., 1
+        d.line([(left, y(k / 5)), (W - right, y(k / 5))], fill=(225, 225, 225))
+        d.text((left - 30, y(k / 5) - 6), f"{k / 5:.1f}", fill="black")
+    tick = max(1, last // 8)
+    for step in range(0, last + 1, tick):
+        d.text((x(step) - 8, H - bottom + 6), str(step), fill="black")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text((W // 2 - 110, H - 18), "GRPO step (held-out sampled accuracy)", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for i, (label, c) in enumerate(curves):
+        col = colors[i % len(colors)]
+        pts = [(x(s), y(a)) for s, a in c]
+        d.line(pts, fill=col, width=2) if len(pts) > 1 else None
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+        d.line([(left + 10, top + 12 + 16 * i), (left + 30, top + 12 + 16 * i)], fill=col, width=3)
+        d.text((left + 36, top + 6 + 16 * i), f"{label}: {c[0][1]:.2f} -> max {max(a for _, a in c):.2f}", fill="black")
+    im.save(out)
+    for label, c in curves:
+        print(f"{label}: " + " ".join(f"{s}:{a:.2f}" for s, a in c))
+    print(f"wrote {out}")
 
 
 # -----------------------------------------------------------------------------
@@ -652,11 +705,16 @@ def parser():
     g.add_argument("--bench", default="", metavar="POLICY:RM",
                    help="e.g. 2b:4b (sizes of `mrrm.py bench --config`); with -G, --max-new-tokens, --grad-ckpt, --beta")
     g.add_argument("--bench-image-tokens", type=int, default=1024, help="merged image tokens in the bench prompt")
+    g = ap.add_argument_group("plot: the held-out accuracy curves of finished runs (nothing is trained)")
+    g.add_argument("--plot", nargs="+", default=[], metavar="RUN[=LABEL]", help="run folders written by grpo.py")
+    g.add_argument("--plot-out", default="grpo_curves.png")
     return ap
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.plot:
+        return mrrm.run_cli(lambda a: plot(a.plot, a.plot_out), args)
     return mrrm.run_cli(bench if args.bench else train, args)
 
 

@@ -407,3 +407,27 @@ def test_bench_step_runs_every_phase_at_tiny_sizes():
 def test_bench_rejects_unknown_sizes():
     with pytest.raises(SystemExit):
         grpo.main(["--bench", "2b:5b"])
+
+
+def test_plot_draws_each_runs_held_out_curve(tmp_path, capsys):
+    from PIL import Image
+    curves = {"a": [(0, 0.5), (50, 0.7), (100, 0.6)], "b": [(0, 0.5), (50, 0.55), (100, 0.9)]}
+    for name, points in curves.items():
+        (tmp_path / name).mkdir()
+        lines = [{"step": s, "eval": {"acc_sampled": a}} for s, a in points] + [{"step": 7, "loss": 0.1}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    assert grpo.eval_curve(str(tmp_path / "a")) == curves["a"]
+    out = tmp_path / "c.png"
+    grpo.main(["--plot", str(tmp_path / "a") + "=joint", str(tmp_path / "b"), "--plot-out", str(out)])
+    printed = capsys.readouterr().out
+    assert "joint: 0:0.50 50:0.70 100:0.60" in printed and "b: 0:0.50 50:0.55 100:0.90" in printed
+    im = Image.open(out).convert("RGB")
+    colors = {c for _, c in im.getcolors(1 << 20)}
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # one line colour per run
+    # the second run's last point (step 100, accuracy 0.9) is drawn at the top right of the frame
+    W, H = im.size
+    x, y = W - 20, round(H - 44 - (H - 20 - 44) * 0.9)
+    assert im.getpixel((x, y)) == (214, 39, 40)
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval": \n')
+    with pytest.raises(ValueError, match=r"a/metrics.jsonl:1: malformed JSON"):
+        grpo.eval_curve(str(tmp_path / "a"))
