@@ -28,7 +28,10 @@ The ladder (rank 1 = best), built from the exact answer A and two wrong answers:
        purple; another cell in the same row or column; the count off by one; describe with one
        colour swapped for its neighbour.
     4  a far miss C, said plainly: close to neither A nor B (two+ hues away; no shared row or column;
-       off by two or more); describe lists as many shapes, all in cells where there is none.
+       off by two or more); describe lists as many shapes, all in cells where there is none. In a
+       quarter of the colour, count and position samples instead: an off-topic answer, true of the
+       scene but about something else ("I count one green circle." to "Where is the green
+       circle?"; see make_sample).
 Why it is built so: the rank must need the image. Ranks 1, 3, 4 draw from one template list; A is
 balanced (make_sample picks the answer uniformly, then draws scenes until one has it); B is drawn so
 that (A, B) is exchangeable, hence every answer is as frequent at rank 3 as at rank 1: a count's
@@ -329,12 +332,30 @@ def sample_id(scene, question):
     return "sw-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def make_sample(rng, image_size=48):
-    """{"image": PIL image, "record": one line of mrrm's JSONL schema (responses in random order)}."""
+def off_topic(scene, question, rng):
+    """A true sentence about the scene that answers another question (a count for a position
+    question, ...) and states no answer to this one, or None if the scene offers none. Never for or
+    from describe: a sentence about one shape is part of a description, not off its topic."""
+    if question.qtype == "describe":
+        return None
+    texts = [say(*asked, rng) for asked in askable(scene) if QTYPE_OF[asked[0]] not in (question.qtype, "describe")]
+    texts = [t for t in texts if parse_answer(question.qtype, t) is None]
+    return rng.choice(texts) if texts else None
+
+
+def make_sample(rng, image_size=48, off_topic_rate=0.25):
+    """{"image": PIL image, "record": one line of mrrm's JSONL schema (responses in random order)}.
+    In off_topic_rate of the samples rank 4 is an off-topic answer instead of a far miss (a reward
+    model that never saw one rates "I count one green circle." highly as the answer to "Where is the
+    green circle?", and a GRPO policy finds that out). Its draws come from a stream of their own, so
+    the rest of every sample is the same at any rate."""
     scene, question = balanced_question(rng)
     responses = make_responses(scene, question, rng)
-    rng.shuffle(responses)
     sid = sample_id(scene, question)
+    side = random.Random(sid)
+    if side.random() < off_topic_rate and (text := off_topic(scene, question, side)) is not None:
+        responses[3] = (text, 4)
+    rng.shuffle(responses)
     record = {"id": sid, "image": f"images/{sid}.png", "prompt": question.text,
               "responses": [text for text, _ in responses], "rankings": [rank for _, rank in responses],
               "category": question.qtype, "answer": question.answer, "subject": question.subject,

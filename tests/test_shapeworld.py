@@ -183,11 +183,32 @@ def test_every_answer_is_equally_frequent_at_ranks_1_and_3(records):
 
 def test_colour_and_position_answers_are_equally_frequent_at_rank_4(records):
     # Not counts: on a set of four counts the only far misses are its ends (see the module doc).
+    # Among the far misses: an off-topic rank 4 states no answer (None), counted apart.
     for qtype in ("color", "position"):
         (f1, n), (f4, _) = answer_frequencies(records, qtype, 1), answer_frequencies(records, qtype, 4)
+        f4 = {answer: f / (1 - f4.get(None, 0)) for answer, f in f4.items() if answer is not None}
         for answer in f1 | f4:
             assert abs(f1.get(answer, 0) - f4.get(answer, 0)) < tolerance(n), \
                 f"{qtype} {answer}: rank 1 {f1.get(answer, 0):.3f}, rank 4 {f4.get(answer, 0):.3f}"
+
+
+def test_a_quarter_of_rank_4s_are_off_topic_and_nothing_else_changes():
+    on, off = random.Random(4), random.Random(4)
+    kinds = {q: [] for q in sw.QTYPES}
+    for _ in range(N):
+        a, b = make_sample(on)["record"], make_sample(off, off_topic_rate=0.0)["record"]
+        rank4 = by_rank(a)[4]
+        is_off = sw.parse_answer(a["category"], rank4) is None  # states no answer to its question
+        kinds[a["category"]].append(is_off)
+        assert {k: v for k, v in a.items() if k != "responses"} == {k: v for k, v in b.items() if k != "responses"}
+        assert [by_rank(a)[r] for r in (1, 2, 3)] == [by_rank(b)[r] for r in (1, 2, 3)]
+        assert is_off or rank4 == by_rank(b)[4]
+        if is_off:  # it answers another question type plainly
+            assert any(sw.parse_answer(q, rank4) is not None for q in ("color", "count", "position")), rank4
+    assert not any(kinds["describe"])
+    for q in ("color", "count", "position"):
+        rate = sum(kinds[q]) / len(kinds[q])
+        assert abs(rate - 0.25) < tolerance(len(kinds[q])), f"{q}: {rate:.3f} off-topic"
 
 
 def test_truth_and_near_miss_are_exchangeable(records):
