@@ -21,6 +21,7 @@ near-miss answer about half the time); the reward model runs on the backbone it 
     python mrrm.py train --mode independent --out runs/rm-indep     # the single-response baseline RM,
     python grpo.py --rm runs/rm-indep --rm-mode independent --out runs/grpo-indep   # all else equal
     python grpo.py --resume                          # continue runs/grpo from its last checkpoint
+    python grpo.py --plot runs/grpo=joint runs/grpo-indep=independent   # both curves -> grpo_curves.png
     python grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --grad-ckpt   # one step at real sizes (GPU)
 Every --eval-every steps it prints the policy's exact-answer accuracy on held-out shape-world prompts
 (checked against the generator's ground truth by shapeworld.is_correct, not by the reward model),
