@@ -597,13 +597,14 @@ def eval_curve(run):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; expected a folder written by grpo.py")
     points = {}
-    for i, line in enumerate(open(path), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-        if "eval" in rec:
-            points[rec["step"]] = rec["eval"]["acc_sampled"]
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if "eval" in rec:
+                points[rec["step"]] = rec["eval"]["acc_sampled"]
     if not points:
         raise ValueError(f"{path}: no held-out evaluations (was --eval-every 0?)")
     return sorted(points.items())
@@ -633,7 +634,8 @@ def plot(specs, out, size=(720, 420)):
     for i, (label, c) in enumerate(curves):
         col = colors[i % len(colors)]
         pts = [(x(s), y(a)) for s, a in c]
-        d.line(pts, fill=col, width=2) if len(pts) > 1 else None
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
         for px, py in pts:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
         d.line([(left + 10, top + 12 + 16 * i), (left + 30, top + 12 + 16 * i)], fill=col, width=3)
