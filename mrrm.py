@@ -478,7 +478,7 @@ def validate_sample(obj, where):
         problems.append(f"{where}: pair: expected an int >= 0, found {obj['pair']!r}")
     for key in ("fps", "sampling_interval"):
         v = obj.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+        if v is not None and not ((is_int(v) or isinstance(v, float)) and 0 < v < float("inf")):
             problems.append(f"{where}: {key}: expected a positive number, found {v!r}")
     return problems
 
