@@ -802,7 +802,7 @@ DEFAULT_HELDOUT = os.path.join(SHAPEWORLD, "shapeworld", "heldout.jsonl")
 DEFAULT_OUT = "runs/rm"
 # settings that must not change between a run and its --resume (the rest, e.g. logging, may)
 RESUME_KEYS = ("model", "train", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "head_hidden",
-               "loss", "mode", "max_responses", "max_len", "lr", "min_lr_ratio", "warmup", "decay", "weight_decay",
+               "loss", "mode", "max_responses", "max_len", "lr", "min_lr_ratio", "warmup", "decay", "cooldown", "weight_decay",
                "batch_size", "micro_batch", "epochs", "steps", "clip", "seed", "sep_token", "independent_warmup")
 
 
@@ -814,8 +814,9 @@ def ensure_shapeworld(path):
         shapeworld.main(["--out", os.path.dirname(path)])
 
 
-def lr_at(step, total, base, warmup, decay="cosine", min_ratio=0.0):
-    """Linear warmup over `warmup` steps, then linear or cosine decay to min_ratio * base at `total`."""
+def lr_at(step, total, base, warmup, decay="wsd", min_ratio=0.0, cooldown=0.25):
+    """Linear warmup over `warmup` steps, then down to min_ratio * base at `total`: linear or cosine
+    decay, or "wsd" (warmup-stable-decay): flat, then linear over the last `cooldown` of all steps."""
     if step < warmup:
         return base * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
@@ -823,6 +824,8 @@ def lr_at(step, total, base, warmup, decay="cosine", min_ratio=0.0):
         scale = 1 - frac
     elif decay == "cosine":
         scale = 0.5 * (1 + math.cos(math.pi * frac))
+    elif decay == "wsd":
+        scale = min(1.0, (total - step) / max(1.0, cooldown * total))
     else:
         scale = 1.0
     return base * (min_ratio + (1 - min_ratio) * scale)
@@ -924,6 +927,8 @@ def train(args):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
     if not 0 <= args.independent_warmup <= 1:
         raise ValueError(f"--independent-warmup {args.independent_warmup}: a fraction of the steps, 0 to 1")
+    if not 0 < args.cooldown <= 1:
+        raise ValueError(f"--cooldown {args.cooldown}: a fraction of the steps, above 0 and at most 1")
     accum = args.batch_size // args.micro_batch
     total = args.steps or math.ceil(args.epochs * len(samples) / args.batch_size)
     warmup = args.warmup if args.warmup >= 1 else int(args.warmup * total)
@@ -950,7 +955,7 @@ def train(args):
     steps_timed, time_timed = 0, 0.0  # optimizer steps only, not evaluation or checkpoints
     while step < stop:
         t_step = time.time()
-        lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio)
+        lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio, args.cooldown)
         for g in opt.param_groups:
             g["lr"] = lr_now
         # a mask curriculum: the first --independent-warmup of the steps see each response alone
@@ -1647,7 +1652,9 @@ def parser():
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--min-lr-ratio", type=float, default=0.0)
     t.add_argument("--warmup", type=float, default=0.05, help="steps, or a fraction of all steps when < 1")
-    t.add_argument("--decay", choices=("cosine", "linear", "constant"), default="cosine")
+    t.add_argument("--decay", choices=("wsd", "cosine", "linear", "constant"), default="wsd",
+                   help="wsd: flat after the warmup, then linear over the last --cooldown of the steps")
+    t.add_argument("--cooldown", type=float, default=0.25, metavar="F", help="the fraction of steps --decay wsd decays over")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--batch-size", type=int, default=16, help="effective batch (samples per optimizer step)")
     t.add_argument("--micro-batch", type=int, default=16, help="samples per forward; the rest is gradient accumulation")

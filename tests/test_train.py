@@ -154,6 +154,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert mrrm.lr_at(55, 100, 1.0, 10, "linear") == pytest.approx(0.5)
+    # warmup-stable-decay: flat from the warmup to the last quarter, then a straight line to the floor
+    wsd = [mrrm.lr_at(s, 100, 1.0, 10, "wsd", 0.1, cooldown=0.25) for s in range(101)]
+    assert wsd[9] == wsd[75] == 1.0 and wsd[76] < 1.0
+    assert wsd[85] == pytest.approx(0.1 + 0.9 * 15 / 25) and wsd[100] == pytest.approx(0.1)
 
 
 def test_every_use_of_a_sample_gets_its_own_response_order():
