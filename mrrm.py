@@ -1671,7 +1671,7 @@ def parser():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-every", type=int, default=250, help="evaluate on --heldout every K steps (0: only at the end)")
+    t.add_argument("--eval-every", type=int, default=500, help="evaluate on --heldout every K steps (0: only at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
     t.add_argument("--eval-batch", type=int, default=16)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")

@@ -14,8 +14,8 @@ checker a GRPO run scores its policy with, and `caption`/`qa_pairs` feed backbon
     >>> is_correct(sample["record"], best)
     True
 
-Run (about 2 s for 2,200 samples; same seed, byte-identical files):
-    python data/shapeworld.py --out data/shapeworld --train 2000 --heldout 200 --seed 0
+Run (about 2 s for 3,000 samples; same seed, byte-identical files):
+    python data/shapeworld.py --out data/shapeworld --train 2000 --heldout 1000 --seed 0
 writes OUT/train.jsonl, OUT/heldout.jsonl and OUT/images/{id}.png. A record's id hashes its scene and
 what is asked (not the wording), so no (image, question) pair of train appears in held-out.
 
@@ -452,7 +452,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the shape-world train and held-out splits.")
     parser.add_argument("--out", default="data/shapeworld", help="output folder")
     parser.add_argument("--train", type=int, default=2000, help="number of training samples")
-    parser.add_argument("--heldout", type=int, default=200, help="number of held-out samples")
+    parser.add_argument("--heldout", type=int, default=1000, help="number of held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of both splits (each mixes in its name)")
     parser.add_argument("--image-size", type=int, default=48,
                         help="image side in pixels (48: a 16 px cell is 2x2 patches of 8 px, one merged token)")
