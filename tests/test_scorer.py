@@ -241,6 +241,16 @@ def test_plackett_luce_matches_hand_computed_likelihood_with_ties_in_index_order
     assert abs(loss.item() - want) < 1e-5, (loss.item(), want)
 
 
+def test_ce_plus_pl_is_plackett_luce_with_the_best_pick_weighted_three_times():
+    s = torch.tensor([[0.3, -0.2, 1.1, 0.0]])
+    ranks = torch.tensor([[3, 1, 2, 4]])  # best first: 1, 2, 0, 3
+    x, order = s[0], [1, 2, 0, 3]
+    picks = [torch.logsumexp(x[order[k:]], 0).item() - x[i].item() for k, i in enumerate(order)]
+    loss, m = mrrm.ce_pl_loss(s, ranks, torch.ones(1, 4, dtype=torch.bool), pl_weight=0.5)
+    assert abs(loss.item() - (1.5 * picks[0] + 0.5 * sum(picks[1:]))) < 1e-5
+    assert m["loss"] == loss.item() and m["acc"] == 0.0  # the top score (index 2) is rank 2
+
+
 def test_losses_ignore_padding_slots_and_have_finite_gradients():
     g = torch.Generator().manual_seed(1)
     for _ in range(50):  # random shapes, random padding
@@ -249,7 +259,7 @@ def test_losses_ignore_padding_slots_and_have_finite_gradients():
         valid = torch.arange(N)[None] < n[:, None]
         ranks = torch.randint(1, 4, (B, N), generator=g)
         s = (torch.randn(B, N, generator=g) * 5).requires_grad_()
-        for fn in (mrrm.listwise_ce_loss, mrrm.plackett_luce_loss):
+        for fn in (mrrm.listwise_ce_loss, mrrm.plackett_luce_loss, mrrm.ce_pl_loss):
             loss, _ = fn(s, ranks, valid)
             grad, = torch.autograd.grad(loss, s)
             assert torch.isfinite(loss) and torch.isfinite(grad).all() and loss.item() >= -1e-6

@@ -239,7 +239,8 @@ def test_nan_loss_stops_with_step_and_sample_ids(world, tmp_path, monkeypatch, c
     def nan_loss(scores, ranks, valid):
         loss = scores.sum() * float("nan")
         return loss, {"loss": float("nan"), "acc": 0.0}
-    monkeypatch.setitem(mrrm.LOSSES, "ce", nan_loss)
+    for name in list(mrrm.LOSSES):  # whichever the default is
+        monkeypatch.setitem(mrrm.LOSSES, name, nan_loss)
     with pytest.raises(RuntimeError, match=r"step 1: loss is nan on samples \['sw-"):
         mrrm.main(args_for(world, tmp_path / "n", "--steps", "2", "--heldout", ""))
 
@@ -322,6 +323,15 @@ def test_the_authors_json_layout_and_question_field_load(tmp_path):
         mrrm.load_samples(str(path))
     kept = mrrm.load_samples(str(path), skip_bad=True)
     assert [(s.prompt, s.rankings) for s in kept] == [("q1", [2, 1, 3]), ("q2", [1, 2])]
+
+
+def test_epochs_when_given_replace_steps(world, tmp_path, capsys):
+    n = len(mrrm.load_samples(str(world / "d" / "train.jsonl")))
+    mrrm.main(args_for(world, tmp_path / "rm", "--epochs", "1.5", "--heldout", "", "--export", "off"))
+    assert json.loads((tmp_path / "rm" / "rm_config.json").read_text())["steps"] == math.ceil(1.5 * n / 4)
+    with pytest.raises(SystemExit):
+        mrrm.main(args_for(world, tmp_path / "rm0", "--steps", "0", "--heldout", ""))
+    assert "--steps 0 / --epochs 0: no step to train" in capsys.readouterr().err
 
 
 def test_independent_warmup_trains_the_first_steps_on_block_masked_packs(world, tmp_path, monkeypatch):
