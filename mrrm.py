@@ -1648,7 +1648,7 @@ def parser():
     t.add_argument("--mode", choices=MODES, default="joint")
     t.add_argument("--independent-warmup", type=float, default=0.33, metavar="F",
                    help="train the first F of the steps in independent mode, then in --mode: a mask curriculum "
-                        "for the shape-world demo (joint best-of-4 0.80 -> 0.855-0.88); 0 is the paper's recipe")
+                        "for the shape-world demo (previous recipe: joint best-of-4 0.80 -> 0.88); 0: the paper's")
     t.add_argument("--loss", choices=sorted(LOSSES), default="ce+pl",
                    help="ce: the best response; pl: the whole ranking; ce+pl: both (ce + 0.5 pl)")
     t.add_argument("--lora-r", type=int, default=16)
@@ -1672,7 +1672,7 @@ def parser():
     t.add_argument("--micro-batch", type=int, default=16, help="samples per forward; the rest is gradient accumulation")
     t.add_argument("--row-tokens", type=int, default=256, help="short samples share a row of up to this many tokens "
                    "(block-diagonal mask; the same scores, less padding; 0: one sample per row)")
-    t.add_argument("--steps", type=int, default=2500, help="optimizer steps (shape-world: 6.7 passes over its 6,000 samples)")
+    t.add_argument("--steps", type=int, default=2500, help="optimizer steps (shape-world: 4 passes over its 10,000 samples)")
     t.add_argument("--epochs", type=float, default=0, help="passes over --train instead of --steps (the paper: 3)")
     t.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; the schedule still spans all steps")
     t.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")

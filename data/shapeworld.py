@@ -14,8 +14,8 @@ checker a GRPO run scores its policy with, and `caption`/`qa_pairs` feed backbon
     >>> is_correct(sample["record"], best)
     True
 
-Run (about 2 s for 3,000 samples; same seed, byte-identical files):
-    python data/shapeworld.py --out data/shapeworld --train 2000 --heldout 1000 --seed 0
+Run (about 5 s for 11,000 samples; same seed, byte-identical files):
+    python data/shapeworld.py --out data/shapeworld --train 10000 --heldout 1000 --seed 0
 writes OUT/train.jsonl, OUT/heldout.jsonl and OUT/images/{id}.png. A record's id hashes its scene and
 what is asked (not the wording), so no (image, question) pair of train appears in held-out.
 
@@ -451,7 +451,7 @@ def write_split(folder, name, n, seed, image_size=48, exclude=()):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the shape-world train and held-out splits.")
     parser.add_argument("--out", default="data/shapeworld", help="output folder")
-    parser.add_argument("--train", type=int, default=2000, help="number of training samples")
+    parser.add_argument("--train", type=int, default=10000, help="number of training samples")
     parser.add_argument("--heldout", type=int, default=1000, help="number of held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of both splits (each mixes in its name)")
     parser.add_argument("--image-size", type=int, default=48,
