@@ -1672,7 +1672,7 @@ def parser():
     t.add_argument("--micro-batch", type=int, default=16, help="samples per forward; the rest is gradient accumulation")
     t.add_argument("--row-tokens", type=int, default=256, help="short samples share a row of up to this many tokens "
                    "(block-diagonal mask; the same scores, less padding; 0: one sample per row)")
-    t.add_argument("--steps", type=int, default=2500, help="optimizer steps (shape-world: 4 passes over its 10,000 samples)")
+    t.add_argument("--steps", type=int, default=2200, help="optimizer steps (shape-world: 3.5 passes over its 10,000 samples)")
     t.add_argument("--epochs", type=float, default=0, help="passes over --train instead of --steps (the paper: 3)")
     t.add_argument("--stop-at", type=int, default=0, help="stop (with a checkpoint) at this step; the schedule still spans all steps")
     t.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
@@ -1683,7 +1683,7 @@ def parser():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-every", type=int, default=500, help="evaluate on --heldout every K steps (0: only at the end)")
+    t.add_argument("--eval-every", type=int, default=1000, help="evaluate on --heldout every K steps (0: only at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
     t.add_argument("--eval-batch", type=int, default=16)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
