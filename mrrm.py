@@ -811,8 +811,9 @@ DEFAULT_HELDOUT = os.path.join(SHAPEWORLD, "shapeworld", "heldout.jsonl")
 DEFAULT_OUT = "runs/rm"
 # settings that must not change between a run and its --resume (the rest, e.g. logging, may)
 RESUME_KEYS = ("model", "train", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "head_hidden",
-               "loss", "mode", "max_responses", "max_len", "lr", "min_lr_ratio", "warmup", "decay", "cooldown", "weight_decay",
-               "batch_size", "micro_batch", "epochs", "steps", "clip", "seed", "sep_token", "independent_warmup")
+               "loss", "mode", "max_responses", "max_len", "lr", "min_lr_ratio", "warmup", "decay", "cooldown",
+               "weight_decay", "batch_size", "micro_batch", "epochs", "steps", "clip", "seed", "sep_token",
+               "independent_warmup")
 
 
 def ensure_shapeworld(path):
@@ -1666,7 +1667,8 @@ def parser():
     t.add_argument("--warmup", type=float, default=0.05, help="steps, or a fraction of all steps when < 1")
     t.add_argument("--decay", choices=("wsd", "cosine", "linear", "constant"), default="wsd",
                    help="wsd: flat after the warmup, then linear over the last --cooldown of the steps")
-    t.add_argument("--cooldown", type=float, default=0.25, metavar="F", help="the fraction of steps --decay wsd decays over")
+    t.add_argument("--cooldown", type=float, default=0.25, metavar="F",
+                   help="the fraction of steps --decay wsd decays over")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--batch-size", type=int, default=16, help="effective batch (samples per optimizer step)")
     t.add_argument("--micro-batch", type=int, default=16, help="samples per forward; the rest is gradient accumulation")
