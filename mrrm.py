@@ -817,11 +817,17 @@ RESUME_KEYS = ("model", "train", "lora_r", "lora_alpha", "lora_dropout", "lora_t
 
 
 def ensure_shapeworld(path):
-    """The default data is generated on first use (deterministic, about 2 s)."""
-    if path in (DEFAULT_TRAIN, DEFAULT_HELDOUT) and not os.path.isfile(path):
-        from data import shapeworld
-        print(f"generating the shape-world data in {os.path.dirname(path)} ...")
-        shapeworld.main(["--out", os.path.dirname(path)])
+    """The default data is generated on first use (deterministic, about 5 s), and again when the
+    folder was written by another version of data/shapeworld.py (its split.json says how)."""
+    if path not in (DEFAULT_TRAIN, DEFAULT_HELDOUT):
+        return
+    from data import shapeworld
+    folder = os.path.dirname(path)
+    if os.path.isfile(path) and shapeworld.is_default_split(folder):
+        return
+    print(f"{folder}: written by another version of data/shapeworld.py; writing the current split ..."
+          if os.path.isfile(path) else f"generating the shape-world data in {folder} ...")
+    shapeworld.main(["--out", folder])
 
 
 def lr_at(step, total, base, warmup, decay="wsd", min_ratio=0.0, cooldown=0.25):

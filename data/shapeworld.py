@@ -17,7 +17,10 @@ checker a GRPO run scores its policy with, and `caption`/`qa_pairs` feed backbon
 Run (about 5 s for 11,000 samples; same seed, byte-identical files):
     python data/shapeworld.py --out data/shapeworld --train 10000 --heldout 1000 --seed 0
 writes OUT/train.jsonl, OUT/heldout.jsonl and OUT/images/{id}.png. A record's id hashes its scene and
-what is asked (not the wording), so no (image, question) pair of train appears in held-out.
+what is asked (not the wording). The held-out split is written first, the first distinct samples of
+its own stream, every question type equally often; train then skips its (image, question) pairs and
+asks position questions twice as often as each other type (--train-mix position=2: the hardest type,
+the one a reward model learns last, is 2/5 of train; --train-mix '' for uniform).
 
 The ladder (rank 1 = best), built from the exact answer A and two wrong answers:
     1  A, said plainly.
@@ -266,12 +269,14 @@ def qa_pairs(scene, rng):
     return [(_question(asked, rng).text, say(*asked, rng)) for asked in askable(scene)]
 
 
-def balanced_question(rng):
+def balanced_question(rng, mix=None):
     """(scene, question) whose exact answer is uniform over its ANSWER_SPACE (see module doc).
 
+    The question type is uniform, or drawn with the weights of `mix` ({qtype: weight}, missing = 1).
     The redrawing favours scenes that answer more: about 1/3 of the scenes have 4 shapes, 1/6 one.
     """
-    variant = rng.choice(VARIANTS[rng.choice(QTYPES)])
+    qtype = rng.choices(QTYPES, [mix.get(q, 1.0) for q in QTYPES])[0] if mix else rng.choice(QTYPES)
+    variant = rng.choice(VARIANTS[qtype])
     target = rng.choice(ANSWER_SPACE[variant]) if variant != "describe" else None
     # Redraw the scene, never the target, or rare answers (4 shapes, 3 of one colour) would stay rare.
     while True:
@@ -343,13 +348,13 @@ def off_topic(scene, question, rng):
     return rng.choice(texts) if texts else None
 
 
-def make_sample(rng, image_size=48, off_topic_rate=0.25):
+def make_sample(rng, image_size=48, off_topic_rate=0.25, mix=None):
     """{"image": PIL image, "record": one line of mrrm's JSONL schema (responses in random order)}.
     In off_topic_rate of the samples rank 4 is an off-topic answer instead of a far miss (a reward
     model that never saw one rates "I count one green circle." highly as the answer to "Where is the
     green circle?", and a GRPO policy finds that out). Its draws come from a stream of their own, so
-    the rest of every sample is the same at any rate."""
-    scene, question = balanced_question(rng)
+    the rest of every sample is the same at any rate. `mix` weights the question types."""
+    scene, question = balanced_question(rng, mix)
     responses = make_responses(scene, question, rng)
     sid = sample_id(scene, question)
     side = random.Random(sid)
@@ -425,11 +430,12 @@ def is_correct(question, response):
 
 # ----------------------------------------------------------------------------- files
 
-def write_split(folder, name, n, seed, image_size=48, exclude=()):
+def write_split(folder, name, n, seed, image_size=48, exclude=(), mix=None):
     """Write n samples to folder/{name}.jsonl and folder/images/; return their ids.
 
     The stream is seeded by (name, seed), so train and held-out differ even for one --seed; ids
     already written or in `exclude` are skipped, so no (image, question) pair repeats or leaks.
+    `mix` weights the question types ({qtype: weight}; None: uniform).
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -437,7 +443,7 @@ def write_split(folder, name, n, seed, image_size=48, exclude=()):
     ids, seen = [], set(exclude)
     with open(folder / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
         while len(ids) < n:
-            sample = make_sample(rng, image_size)
+            sample = make_sample(rng, image_size, mix=mix)
             record = sample["record"]
             if record["id"] in seen:
                 continue
@@ -448,18 +454,65 @@ def write_split(folder, name, n, seed, image_size=48, exclude=()):
     return ids
 
 
-def main(argv=None):
+def parse_mix(text):
+    """'position=2' -> {"position": 2.0}: question-type weights, the types not named weigh 1."""
+    mix = {}
+    for part in filter(None, text.split(",")):
+        qtype, _, weight = part.partition("=")
+        if qtype.strip() not in QTYPES:
+            raise ValueError(f"--train-mix {text!r}: unknown question type {qtype.strip()!r}; expected one of {QTYPES}")
+        try:
+            mix[qtype.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--train-mix {text!r}: {part!r} is not TYPE=WEIGHT with a number") from None
+        if not mix[qtype.strip()] >= 0:
+            raise ValueError(f"--train-mix {text!r}: a weight must be 0 or more")
+    if mix and sum(mix.get(q, 1.0) for q in QTYPES) == 0:
+        raise ValueError(f"--train-mix {text!r}: every question type weighs 0")
+    return mix or None
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description="Write the shape-world train and held-out splits.")
     parser.add_argument("--out", default="data/shapeworld", help="output folder")
     parser.add_argument("--train", type=int, default=10000, help="number of training samples")
     parser.add_argument("--heldout", type=int, default=1000, help="number of held-out samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of both splits (each mixes in its name)")
+    parser.add_argument("--train-mix", default="position=2",
+                        help="question-type weights of the train split, TYPE=WEIGHT,... (others weigh 1; '' for "
+                             "uniform). Position, the hardest type, is 2/5 of it by default; held-out stays uniform")
     parser.add_argument("--image-size", type=int, default=48,
                         help="image side in pixels (48: a 16 px cell is 2x2 patches of 8 px, one merged token)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+SPLIT_VERSION = 2  # 2: held-out written first, train mixed by --train-mix
+
+
+def split_settings(args):
+    """What split.json records: the settings a folder was written with."""
+    return {"version": SPLIT_VERSION, **{k: v for k, v in vars(args).items() if k != "out"}}
+
+
+def is_default_split(folder):
+    """Was `folder` written by this version of the script with its default settings?"""
+    try:
+        with open(Path(folder) / "split.json", encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return recorded == split_settings(build_parser().parse_args([]))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    mix = parse_mix(args.train_mix)
     start = time.perf_counter()
-    train = write_split(args.out, "train", args.train, args.seed, args.image_size)
-    heldout = write_split(args.out, "heldout", args.heldout, args.seed, args.image_size, exclude=train)
+    # Held-out first, from its own stream alone, so it stays the same whatever the train split is.
+    heldout = write_split(args.out, "heldout", args.heldout, args.seed, args.image_size)
+    train = write_split(args.out, "train", args.train, args.seed, args.image_size, exclude=heldout, mix=mix)
+    with open(Path(args.out) / "split.json", "w", encoding="utf-8") as f:
+        json.dump(split_settings(args), f, indent=1)
     print(f"train {len(train)} | heldout {len(heldout)} | out {args.out} | "
           f"seconds {time.perf_counter() - start:.2f}")
 

@@ -138,6 +138,27 @@ def test_every_question_type_is_asked_about_equally_often(records):
         assert abs(counts[qtype] / N - 0.25) < 0.04, f"{qtype}: {counts[qtype]} of {N}"
 
 
+def test_train_mix_weights_the_question_types():
+    rng = random.Random(5)
+    counts = Counter(make_sample(rng, mix=sw.parse_mix("position=2"))["record"]["category"] for _ in range(N))
+    for qtype in sw.QTYPES:
+        want = 0.4 if qtype == "position" else 0.2
+        assert abs(counts[qtype] / N - want) < 0.04, f"{qtype}: {counts[qtype]} of {N}, want {want}"
+    rng = random.Random(5)
+    counts = Counter(make_sample(rng, mix={"describe": 0})["record"]["category"] for _ in range(300))
+    assert counts["describe"] == 0 and len(counts) == 3, counts
+
+
+@pytest.mark.parametrize("text, message", [("place=2", "unknown question type 'place'"),
+                                           ("position=x", "'position=x' is not TYPE=WEIGHT"),
+                                           ("position=-1", "0 or more"),
+                                           ("color=0,count=0,position=0,describe=0", "every question type weighs 0")])
+def test_a_bad_train_mix_is_named(text, message):
+    with pytest.raises(ValueError, match="--train-mix") as e:
+        sw.parse_mix(text)
+    assert message in str(e.value)
+
+
 def test_templates_are_equally_frequent_at_ranks_1_3_and_4(records):
     freq = {rank: Counter(skeleton(by_rank(r)[rank]) for r in records) for rank in (1, 3, 4)}
     for template in freq[1] | freq[3] | freq[4]:
@@ -289,3 +310,24 @@ def test_train_and_heldout_share_no_image_question_pair(tmp_path):
     leaked = set(keys["train"]) & set(keys["heldout"])
     assert not leaked, f"{len(leaked)} held-out (scene, question) pairs are in train"
     assert len(set(keys["train"])) == 400, f"train repeats {400 - len(set(keys['train']))} pairs"
+
+
+def test_heldout_is_the_same_whatever_the_train_mix(tmp_path):
+    sw.main(["--out", str(tmp_path / "a"), "--train", "300", "--heldout", "100", "--train-mix", ""])
+    sw.main(["--out", str(tmp_path / "b"), "--train", "300", "--heldout", "100", "--train-mix", "position=3"])
+    held = [(tmp_path / x / "heldout.jsonl").read_text() for x in "ab"]
+    assert held[0] == held[1], "the held-out file depends on the train split's mix"
+    cats = [Counter(json.loads(line)["category"] for line in (tmp_path / x / "train.jsonl").read_text().splitlines())
+            for x in "ab"]
+    assert cats[1]["position"] > cats[0]["position"] + 40, cats
+
+
+def test_split_json_says_whether_a_folder_is_the_default_split(tmp_path):
+    sw.main(["--out", str(tmp_path), "--train", "30", "--heldout", "10"])
+    assert not sw.is_default_split(tmp_path), "a 30 / 10 split passed for the default"
+    recorded = json.loads((tmp_path / "split.json").read_text())
+    assert recorded["train"] == 30 and recorded["train_mix"] == "position=2", recorded
+    (tmp_path / "split.json").write_text(json.dumps({**recorded, "train": 10000, "heldout": 1000}))
+    assert sw.is_default_split(tmp_path)
+    (tmp_path / "split.json").unlink()  # a folder from before split.json: regenerated
+    assert not sw.is_default_split(tmp_path)
