@@ -1048,17 +1048,25 @@ def train(args):
 
 
 def load_trained(args, device):
-    """--model + --adapter (a `train` output folder), or a merged export as --model with --adapter ''."""
-    adapter = args.adapter or None
+    """--adapter (a `train` output folder) on the backbone it was trained on (its rm_config.json's
+    base_model) or on --model; or a merged export as --model with --adapter ''."""
+    adapter, model = args.adapter or None, args.model
     if adapter and not os.path.isfile(os.path.join(adapter, "rm_config.json")):
-        if adapter == DEFAULT_OUT and os.path.isfile(os.path.join(args.model, "head.safetensors")):
+        if adapter == DEFAULT_OUT and model and os.path.isfile(os.path.join(model, "head.safetensors")):
             adapter = None  # no default run, but --model is a merged export: use it as is
         elif adapter == DEFAULT_OUT:
             raise FileNotFoundError(f"{adapter}: no trained reward model here; run `python mrrm.py train` first")
         else:
             raise FileNotFoundError(f"{adapter}/rm_config.json: not found; --adapter must be a folder written by "
                                     f"`mrrm.py train`")
-    return RewardModel.load(args.model, adapter=adapter, dtype=precision(device)[0], device=device)
+    if model is None:
+        # a LoRA fits any backbone of the same shapes, so the wrong one would load silently: use the recorded one
+        recorded = _read_rm_config(adapter).get("base_model") if adapter else None
+        if recorded and not os.path.isdir(recorded):
+            raise FileNotFoundError(f"{adapter}/rm_config.json: base_model {recorded}: not found; pass --model "
+                                    f"with the backbone this adapter was trained on")
+        model = recorded or DEFAULT_MODEL
+    return RewardModel.load(model, adapter=adapter, dtype=precision(device)[0], device=device)
 
 
 def evaluate_cmd(args):
@@ -1702,7 +1710,7 @@ def parser():
     t.add_argument("--cache-gb", type=float, default=1.0, help="memory for encoded prompts (pixels) reused across epochs")
 
     e = sub.add_parser("eval", help="best-of-N, pairwise, Kendall tau, exact ranking (or a benchmark's own rule)")
-    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--model", default=None, help="backbone folder (default: the one --adapter was trained on)")
     e.add_argument("--adapter", default=DEFAULT_OUT, help="the folder `train` wrote ('' with a merged --model)")
     e.add_argument("--data", default=DEFAULT_HELDOUT)
     e.add_argument("--image-root", default=None)
@@ -1716,7 +1724,7 @@ def parser():
     e.add_argument("--device", default="auto")
 
     s = sub.add_parser("score", help="score N responses to one prompt")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--model", default=None, help="backbone folder (default: the one --adapter was trained on)")
     s.add_argument("--adapter", default=DEFAULT_OUT)
     s.add_argument("--image", nargs="*", default=[])
     s.add_argument("--video", nargs="*", default=[], help="a video file, a folder of frames or a GIF")

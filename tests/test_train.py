@@ -2,6 +2,7 @@
 data validation, exact resume, atomic checkpoints, exports, metrics, and the CLI end to end."""
 
 import json
+import re
 import math
 import os
 
@@ -270,6 +271,24 @@ def test_train_eval_score_and_exports_agree(world, tmp_path, capsys):
     assert np.allclose(s_adapter, rows[0]["scores"], atol=1e-5)
     printed = capsys.readouterr().out
     assert "rank     score  response" in printed and sample.responses[0] in printed
+
+
+def test_eval_and_score_use_the_backbone_the_adapter_was_trained_on(world, tmp_path, capsys):
+    # world's backbone is not the default one: without --model, eval must find it in rm_config.json
+    out = tmp_path / "rm"
+    mrrm.main(args_for(world, out, "--steps", "3", "--lr", "1e-2", "--heldout", "", "--export", "0"))
+    heldout = str(world / "d" / "heldout.jsonl")
+    want = mrrm.main(["eval", "--model", str(world / "m"), "--adapter", str(out), "--data", heldout, "--predictions", ""])
+    got = mrrm.main(["eval", "--adapter", str(out), "--data", heldout, "--predictions", ""])
+    assert got == want
+    sample = mrrm.load_samples(heldout)[0]
+    args = ["score", "--image", *sample.images, "--prompt", sample.prompt, "--responses", *sample.responses]
+    assert np.allclose(mrrm.main(args + ["--adapter", str(out)]), mrrm.main(args + ["--model", str(world / "m"), "--adapter", str(out)]))
+    config = json.loads((out / "rm_config.json").read_text())
+    (out / "rm_config.json").write_text(json.dumps({**config, "base_model": str(tmp_path / "moved")}))
+    with pytest.raises(SystemExit):
+        mrrm.main(["eval", "--adapter", str(out), "--data", heldout, "--predictions", ""])
+    assert re.search(r"rm_config.json: base_model .*moved: not found; pass --model", capsys.readouterr().err)
 
 
 def test_merged_export_loads_in_transformers_and_peft_export_in_peft(world, tmp_path):
