@@ -24,8 +24,9 @@ near-miss answer about half the time); the reward model runs on the backbone it 
     python grpo.py --plot runs/grpo=joint runs/grpo-indep=independent   # both curves -> grpo_curves.png
     python grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --grad-ckpt   # one step at real sizes (GPU)
 Every --eval-every steps it prints the policy's exact-answer accuracy on held-out shape-world prompts
-(checked against the generator's ground truth by shapeworld.is_correct, not by the reward model),
-sampled at the training temperature and greedy. metrics.jsonl in --out holds every step; the step
+(the held-out split's first: never in the policy's pretraining or the reward model's data), checked
+against the generator's ground truth by shapeworld.is_correct, not by the reward model, sampled at
+the training temperature and greedy. metrics.jsonl in --out holds every step; the step
 line splits the time into generation / reward / update, and --profile ends the run with the mean
 split and the reward pass timed joint vs independent vs G separate sequences. The reward model is a
 second backbone in memory (its own LoRA and head); the reference model is not.
@@ -37,6 +38,7 @@ the vocabulary-chunked log-softmax a 150k vocabulary would want.
 """
 
 import argparse
+import itertools
 import os
 import random
 import time
@@ -415,7 +417,8 @@ def train(args):
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     autocast = mrrm.precision(device)[1]
-    heldout = shapeworld_prompts(args.eval_prompts, "heldout", args.seed)
+    # the shape-world held-out split's first prompts: neither the policy's pretraining nor the RM's data has them
+    heldout = list(itertools.islice(shapeworld.stream("heldout", args.seed), args.eval_prompts))
     heldout_ids = {s["record"]["id"] for s in heldout}
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
@@ -690,7 +693,7 @@ def parser():
                    help="torch CPU threads; a tiny model decodes fastest on one, above all on a shared machine (0: torch's default)")
     g.add_argument("--log-every", type=int, default=5)
     g.add_argument("--eval-every", type=int, default=50, help="held-out accuracy every K steps, and before step 1 (0: never)")
-    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (their own seed stream)")
+    g.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts: the first of the shape-world held-out split")
     g.add_argument("--eval-samples", type=int, default=4, help="sampled answers per held-out prompt")
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (always at the end)")
     g.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")

@@ -50,6 +50,7 @@ multi-turn dialogue, any image noise or augmentation.
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -430,6 +431,19 @@ def is_correct(question, response):
 
 # ----------------------------------------------------------------------------- files
 
+def stream(name, seed, image_size=48, exclude=(), mix=None):
+    """Distinct samples, without end, from the stream seeded by (name, seed), skipping ids in `exclude`.
+    write_split saves the first n; the backbone's pretraining leaves the held-out stream's first
+    samples out, and grpo.py scores its policy on them."""
+    rng = random.Random(f"shapeworld:{name}:{seed}")
+    seen = set(exclude)
+    while True:
+        sample = make_sample(rng, image_size, mix=mix)
+        if sample["record"]["id"] not in seen:
+            seen.add(sample["record"]["id"])
+            yield sample
+
+
 def write_split(folder, name, n, seed, image_size=48, exclude=(), mix=None):
     """Write n samples to folder/{name}.jsonl and folder/images/; return their ids.
 
@@ -439,15 +453,10 @@ def write_split(folder, name, n, seed, image_size=48, exclude=(), mix=None):
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"shapeworld:{name}:{seed}")
-    ids, seen = [], set(exclude)
+    ids = []
     with open(folder / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-        while len(ids) < n:
-            sample = make_sample(rng, image_size, mix=mix)
+        for sample in itertools.islice(stream(name, seed, image_size, exclude, mix), n):
             record = sample["record"]
-            if record["id"] in seen:
-                continue
-            seen.add(record["id"])
             ids.append(record["id"])
             sample["image"].save(folder / record["image"])
             f.write(json.dumps(record) + "\n")
