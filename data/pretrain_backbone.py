@@ -43,8 +43,8 @@ made with only 200 held-out samples left out, reached position 0.96 on those 200
 of stage 2, this one 0.64. pretrain.json holds the last stage's settings and accuracies,
 metrics.jsonl its loss curve.
 
-The GRPO demo's policy (data/shapeworld-policy; 187 s): greedy still 0.95, but sampled at T=1
-only 0.52 of its answers are exact (the rest hedge or miss by one rung):
+The GRPO demo's policy (data/shapeworld-policy; 142 s): greedy still 0.94, but sampled at T=1
+only 0.47 of its answers are exact (the rest hedge or miss by one rung):
     python data/pretrain_backbone.py --init data/shapeworld-backbone --out data/shapeworld-policy \
         --answer-noise 0.5 --clean-frac 0 --steps 800 --lr 1e-3 --threads 2
 
