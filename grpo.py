@@ -40,7 +40,6 @@ the vocabulary-chunked log-softmax a 150k vocabulary would want.
 import argparse
 import itertools
 import os
-import random
 import time
 from dataclasses import dataclass
 
@@ -270,18 +269,6 @@ def merge_duplicates(rewards, texts):
 # Prompts and the held-out accuracy
 
 
-def shapeworld_prompts(n, name, seed, exclude=()):
-    """n shape-world samples from a stream seeded by (name, seed), skipping ids in `exclude`."""
-    rng = random.Random(f"grpo:{name}:{seed}")
-    out, seen = [], set(exclude)
-    while len(out) < n:
-        s = shapeworld.make_sample(rng)
-        if s["record"]["id"] not in seen:
-            seen.add(s["record"]["id"])
-            out.append(s)
-    return out
-
-
 @torch.no_grad()
 def heldout_accuracy(policy, proc, samples, args, autocast):
     """Exact-answer accuracy against the generator's ground truth: args.eval_samples answers per
@@ -444,7 +431,8 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr
         # everything a step draws is seeded by (seed, step): a resumed run repeats the uninterrupted one
-        samples = shapeworld_prompts(args.prompts_per_step, f"train:{step}", args.seed, heldout_ids)
+        samples = list(itertools.islice(shapeworld.stream(f"train:{step}", args.seed, exclude=heldout_ids, space="grpo"),
+                                        args.prompts_per_step))
         m, groups = grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast)
         step += 1
         m["lr"] = lr

@@ -431,11 +431,11 @@ def is_correct(question, response):
 
 # ----------------------------------------------------------------------------- files
 
-def stream(name, seed, image_size=48, exclude=(), mix=None):
-    """Distinct samples, without end, from the stream seeded by (name, seed), skipping ids in `exclude`.
-    write_split saves the first n; the backbone's pretraining leaves the held-out stream's first
-    samples out, and grpo.py scores its policy on them."""
-    rng = random.Random(f"shapeworld:{name}:{seed}")
+def stream(name, seed, image_size=48, exclude=(), mix=None, space="shapeworld"):
+    """Distinct samples, without end, from the stream seeded by (space, name, seed), skipping ids in
+    `exclude`. write_split saves the first n; the backbone's pretraining leaves the held-out stream's
+    first samples out, and grpo.py scores its policy on them (and draws its prompts from space "grpo")."""
+    rng = random.Random(f"{space}:{name}:{seed}")
     seen = set(exclude)
     while True:
         sample = make_sample(rng, image_size, mix=mix)
@@ -468,13 +468,14 @@ def parse_mix(text):
     mix = {}
     for part in filter(None, text.split(",")):
         qtype, _, weight = part.partition("=")
-        if qtype.strip() not in QTYPES:
-            raise ValueError(f"--train-mix {text!r}: unknown question type {qtype.strip()!r}; expected one of {QTYPES}")
+        qtype = qtype.strip()
+        if qtype not in QTYPES:
+            raise ValueError(f"--train-mix {text!r}: unknown question type {qtype!r}; expected one of {QTYPES}")
         try:
-            mix[qtype.strip()] = float(weight)
+            mix[qtype] = float(weight)
         except ValueError:
             raise ValueError(f"--train-mix {text!r}: {part!r} is not TYPE=WEIGHT with a number") from None
-        if not mix[qtype.strip()] >= 0:
+        if not mix[qtype] >= 0:
             raise ValueError(f"--train-mix {text!r}: a weight must be 0 or more")
     if mix and sum(mix.get(q, 1.0) for q in QTYPES) == 0:
         raise ValueError(f"--train-mix {text!r}: every question type weighs 0")
