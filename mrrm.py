@@ -1083,6 +1083,8 @@ def evaluate_cmd(args):
     print(f"{args.data}: {len(samples)} samples, mode {mode}, {args.orders} order(s), protocol {args.protocol}, "
           f"{time.time() - t0:.1f}s")
     _print_report(report)
+    if args.predictions is None:  # next to the model evaluated, never into another run's folder
+        args.predictions = os.path.join(args.adapter or args.model, "predictions.jsonl")
     if args.predictions:
         os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
         with open(args.predictions, "w") as f:
@@ -1718,7 +1720,8 @@ def parser():
     e.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
     e.add_argument("--orders", type=int, default=1, help="average each score over K cyclic shifts of the responses")
     e.add_argument("--protocol", choices=PROTOCOLS, default="default")
-    e.add_argument("--predictions", default=os.path.join(DEFAULT_OUT, "predictions.jsonl"), help="'' for none")
+    e.add_argument("--predictions", default=None,
+                   help="default: predictions.jsonl in the --adapter folder (in a merged --model's with --adapter ''); '' for none")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--row-tokens", type=int, default=256, help="as in train")
     e.add_argument("--device", default="auto")

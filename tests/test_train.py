@@ -273,14 +273,18 @@ def test_train_eval_score_and_exports_agree(world, tmp_path, capsys):
     assert "rank     score  response" in printed and sample.responses[0] in printed
 
 
-def test_eval_and_score_use_the_backbone_the_adapter_was_trained_on(world, tmp_path, capsys):
+def test_eval_and_score_use_the_backbone_the_adapter_was_trained_on(world, tmp_path, capsys, monkeypatch):
     # world's backbone is not the default one: without --model, eval must find it in rm_config.json
     out = tmp_path / "rm"
     mrrm.main(args_for(world, out, "--steps", "3", "--lr", "1e-2", "--heldout", "", "--export", "0"))
     heldout = str(world / "d" / "heldout.jsonl")
     want = mrrm.main(["eval", "--model", str(world / "m"), "--adapter", str(out), "--data", heldout, "--predictions", ""])
-    got = mrrm.main(["eval", "--adapter", str(out), "--data", heldout, "--predictions", ""])
+    monkeypatch.chdir(tmp_path)
+    got = mrrm.main(["eval", "--adapter", str(out), "--data", heldout])
     assert got == want
+    # predictions go next to the adapter evaluated, not into the default run's folder
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+    assert not (tmp_path / mrrm.DEFAULT_OUT).exists()
     sample = mrrm.load_samples(heldout)[0]
     args = ["score", "--image", *sample.images, "--prompt", sample.prompt, "--responses", *sample.responses]
     assert np.allclose(mrrm.main(args + ["--adapter", str(out)]), mrrm.main(args + ["--model", str(world / "m"), "--adapter", str(out)]))
