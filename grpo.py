@@ -402,7 +402,7 @@ def train(args):
     policy, proc, rm = load_models(args, device)
     policy.grad_checkpointing = args.grad_ckpt
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
     autocast = mrrm.precision(device)[1]
     # the shape-world held-out split's first prompts: neither the policy's pretraining nor the RM's data has them
     heldout = list(itertools.islice(shapeworld.stream("heldout", args.seed), args.eval_prompts))
