@@ -955,7 +955,8 @@ def train(args):
     rm = build_rm(args, device)
     rm.train()
     params = {n: p for n, p in rm.named_parameters() if p.requires_grad}
-    # fused: one kernel for all parameters (CPU and CUDA); the foreach default loops per op over ~60 small tensors
+    # fused: the whole update in one kernel (CPU and CUDA), where the default runs each of Adam's elementwise
+    # steps as its own multi-tensor op (shape-world: clipping + step 2.3 -> 0.9 ms)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
