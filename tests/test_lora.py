@@ -218,6 +218,23 @@ def test_lora_path_runs_in_fp32_and_returns_the_base_dtype():
     assert torch.equal(out, expected), f"max |diff| {(out.float() - expected.float()).abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8)])
+def test_the_fused_update_equals_base_plus_scaled_B_of_A_for_any_leading_shape(shape):
+    # forward() adds the update with one addmm over the flattened tokens; it must keep x's leading
+    # dimensions and give what the textbook formula gives, values and gradients
+    layer = LoRALinear(nn.Linear(8, 6), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+    assert out.shape == (*shape[:-1], 6), out.shape
+    assert torch.allclose(out, expected, atol=1e-6), (out - expected).abs().max()
+    grads = torch.autograd.grad(out.square().sum(), (x, layer.lora_A.weight, layer.lora_B.weight))
+    want = torch.autograd.grad(expected.square().sum(), (x, layer.lora_A.weight, layer.lora_B.weight))
+    for g, w in zip(grads, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
 def test_strip_lora_leaves_plain_linears_with_the_adapted_output():
     model = tiny_vlm()
     inject_lora(model, r=4, alpha=8)
