@@ -232,14 +232,19 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, groups):
         N, C = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # each (N, nh, hd)
+        nh, hd = self.n_head, C // self.n_head
+        q, k, v = self.qkv(x).view(N, 3, nh, hd).unbind(1)  # each (N, nh, hd)
         dt = q.dtype
         q, k = apply_rotary(q.float(), cos, sin).to(dt), apply_rotary(k.float(), cos, sin).to(dt)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, nh, N, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y[0].transpose(0, 1).reshape(N, C))
+        y = None
+        for L, rows in groups:  # one SDPA call per group length, each group attending only to itself
+            qg, kg, vg = ((t if rows is None else t[rows]).view(-1, L, nh, hd).transpose(1, 2)
+                          for t in (q, k, v))  # (G, nh, L, hd)
+            yg = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, nh, hd)  # (G*L, nh, hd)
+            y = yg if rows is None else (torch.zeros_like(q) if y is None else y).index_copy(0, rows, yg)
+        return self.proj(y.reshape(N, C))
 
 
 class VisionMLP(nn.Module):
@@ -260,8 +265,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, groups):
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
         return x + self.mlp(self.norm2(x))
 
 
@@ -294,6 +299,21 @@ def patch_coords(grid_thw, merge):
     row = (i // (merge * merge * blocks_w)) * merge + (i // merge) % merge
     col = ((i // (merge * merge)) % blocks_w) * merge + i % merge
     return row, col, h, w
+
+
+def attention_groups(grid_thw, device):
+    """Attention stays inside each image and each temporal slice of a video (h*w patches). Groups of
+    one length run as one batch: [(L, rows)], rows (G*L,) indexing the patch rows, or None when every
+    group has length L. No (N, N) block-diagonal mask: for 16 images of 4,096 patches it would
+    take 4 GiB, and attention would compute every block the mask then throws away."""
+    lens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    if len(set(lens)) == 1:
+        return [(lens[0], None)]
+    by_len, start = {}, 0
+    for L in lens:
+        by_len.setdefault(L, []).append(torch.arange(start, start + L))
+        start += L
+    return [(L, torch.cat(r).to(device)) for L, r in by_len.items()]
 
 
 class VisionModel(nn.Module):
@@ -334,15 +354,10 @@ class VisionModel(nn.Module):
         """rows (N, C*T*p*p), grid_thw (n_images, 3) -> LLM tokens (N/4, D) and DeepStack features."""
         pos, cos, sin = self.positions(grid_thw)
         x = self.patch_embed(rows) + pos.to(self.patch_embed.proj.weight.dtype)
-        # attention stays inside each image / temporal group: a block-diagonal mask
-        lens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-        mask = None
-        if len(lens) > 1:
-            seg = torch.repeat_interleave(torch.arange(len(lens), device=rows.device), lens)
-            mask = (seg[:, None] == seg[None, :])[None, None]
+        groups = attention_groups(grid_thw, rows.device)
         feats = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask)
+            x = blk(x, cos, sin, groups)
             if i in self.cfg.deepstack_visual_indexes:
                 feats.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), feats

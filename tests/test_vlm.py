@@ -106,6 +106,17 @@ def test_two_images_logits_match_transformers(pair):
     assert diff <= 1e-4, f"two-image max-abs-diff {diff:.2e}"
 
 
+def test_images_of_repeated_and_distinct_sizes_match_transformers(pair):
+    # two sizes: the two 6x10 images run as one batched attention call, the 4x2 one as another
+    ref, ours = pair
+    grid = torch.tensor([[1, 6, 10], [1, 4, 2], [1, 6, 10]])
+    assert [(L, None if r is None else r.tolist()) for L, r in vlm.attention_groups(grid, "cpu")] == [
+        (60, list(range(60)) + list(range(68, 128))), (8, list(range(60, 68)))]
+    rows = torch.randn(128, 384, generator=torch.Generator().manual_seed(6))
+    diff = compare(ref, ours, vision_seq(grid.tolist()), rows, grid)
+    assert diff <= 1e-4, f"three-image max-abs-diff {diff:.2e}"
+
+
 def test_video_logits_match_transformers(pair):
     ref, ours = pair
     grid = torch.tensor([[3, 4, 6]])  # three frame pairs of 4x6 patches
@@ -406,12 +417,13 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert seen == {0, 1, 2}
 
 
-def test_gradients_match_transformers(tmp_path):
+@pytest.mark.parametrize("grid", [[[1, 6, 10]], [[1, 6, 10], [1, 4, 2], [1, 6, 10]]])
+def test_gradients_match_transformers(tmp_path, grid):
     # training (the reward model's LoRA, the backbone pretraining) trusts our backward as much as our forward
     ref = make_reference(str(tmp_path), **CONFIGS["untied-gqa2-3ds"])
     ours = vlm.load_model(str(tmp_path))
-    grid = torch.tensor([[1, 6, 10]])
-    rows = torch.randn(60, 384, generator=torch.Generator().manual_seed(2))
+    grid = torch.tensor(grid)
+    rows = torch.randn(int(grid.prod(1).sum()), 384, generator=torch.Generator().manual_seed(2))
     ids = vision_seq(grid.tolist())
     weights = torch.randn(ids.shape[1], 300, generator=torch.Generator().manual_seed(5))
     (ref(input_ids=ids, mm_token_type_ids=(ids == IMG).int(), pixel_values=rows, image_grid_thw=grid).logits[0] * weights).sum().backward()
