@@ -238,12 +238,12 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(N, 3, nh, hd).unbind(1)  # each (N, nh, hd)
         dt = q.dtype
         q, k = apply_rotary(q.float(), cos, sin).to(dt), apply_rotary(k.float(), cos, sin).to(dt)
-        y = None
+        y = torch.zeros_like(q)
         for L, rows in groups:  # one SDPA call per group length, each group attending only to itself
             qg, kg, vg = ((t if rows is None else t[rows]).view(-1, L, nh, hd).transpose(1, 2)
                           for t in (q, k, v))  # (G, nh, L, hd)
             yg = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, nh, hd)  # (G*L, nh, hd)
-            y = yg if rows is None else (torch.zeros_like(q) if y is None else y).index_copy(0, rows, yg)
+            y = yg if rows is None else y.index_copy(0, rows, yg)  # rows None: the groups are x in order
         return self.proj(y.reshape(N, C))
 
 
