@@ -405,7 +405,7 @@ def train(args):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
     autocast = mrrm.precision(device)[1]
     # the shape-world held-out split's first prompts: neither the policy's pretraining nor the RM's data has them
-    heldout = list(itertools.islice(shapeworld.stream("heldout", args.seed), args.eval_prompts))
+    heldout = shapeworld.heldout_samples(args.eval_prompts, args.seed)
     heldout_ids = {s["record"]["id"] for s in heldout}
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}

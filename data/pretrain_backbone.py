@@ -54,7 +54,6 @@ checkpointing mid-run (a run is minutes).
 """
 
 import argparse
-import itertools
 import json
 import os
 import random
@@ -84,11 +83,6 @@ def tokenizer_corpus(n, seed):
         lines += [text for text, _ in sw.make_responses(scene, question, rng)]
         lines += [f"{q} {a}" for q, a in sw.qa_pairs(scene, rng)]
     return lines
-
-
-def heldout_samples(n, seed):
-    """The first n samples of the shape-world held-out split (its stream; no files)."""
-    return list(itertools.islice(sw.stream("heldout", seed, IMAGE_SIDE), n))
 
 
 def draw_example(rng, proc, answer_noise, exclude):
@@ -204,7 +198,7 @@ def main(argv=None):
     n_vision = sum(p.numel() for p in model.model.visual.parameters())
     print(f"params {n_params} | vision {n_vision} | vocab {model.cfg.text.vocab_size} | out {args.out}")
 
-    heldout = heldout_samples(args.heldout, args.seed)
+    heldout = sw.heldout_samples(args.heldout, args.seed, IMAGE_SIDE)
     exclude = {s["record"]["id"] for s in heldout}
     rng = random.Random(f"pretrain:{args.seed}")
     pad_id = proc.tokenizer.token_id("<|endoftext|>")

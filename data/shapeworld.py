@@ -444,6 +444,12 @@ def stream(name, seed, image_size=48, exclude=(), mix=None, space="shapeworld"):
             yield sample
 
 
+def heldout_samples(n, seed, image_size=48):
+    """The held-out split's first n samples, without files: what the backbone's pretraining leaves
+    out and what grpo.py scores its policy on."""
+    return list(itertools.islice(stream("heldout", seed, image_size), n))
+
+
 def write_split(folder, name, n, seed, image_size=48, exclude=(), mix=None):
     """Write n samples to folder/{name}.jsonl and folder/images/; return their ids.
 

@@ -122,12 +122,12 @@ def test_committed_backbone_is_an_imperfect_policy_whose_answers_parse():
     # and the weights really answer: greedy on a few held-out questions parses
     model = vlm.load_model(COMMITTED)
     proc = vlm.Processor(COMMITTED, model.cfg)
-    rerun = pb.evaluate(model, proc, pb.heldout_samples(8, args_seed := record["args"]["seed"]), 0.0, args_seed)
+    rerun = pb.evaluate(model, proc, sw.heldout_samples(8, args_seed := record["args"]["seed"]), 0.0, args_seed)
     assert rerun["parsed"] >= 0.75, f"greedy answers of the committed weights parse {rerun['parsed']:.3f}"
 
 
 def test_heldout_samples_are_the_first_of_the_heldout_split(tmp_path):
-    # the backbone never trains on pb.heldout_samples(n): they must be the split's first n
+    # the backbone never trains on sw.heldout_samples(n) (nor grpo.py's policy): they must be the split's first n
     sw.main(["--out", str(tmp_path), "--train", "3000", "--heldout", "200", "--seed", "0"])
     written = [json.loads(line)["id"] for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
-    assert [s["record"]["id"] for s in pb.heldout_samples(200, 0)] == written
+    assert [s["record"]["id"] for s in sw.heldout_samples(200, 0)] == written
