@@ -238,7 +238,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(N, 3, nh, hd).unbind(1)  # each (N, nh, hd)
         dt = q.dtype
         q, k = apply_rotary(q.float(), cos, sin).to(dt), apply_rotary(k.float(), cos, sin).to(dt)
-        y = torch.zeros_like(q)
+        y = torch.zeros_like(q) if len(groups) > 1 else None  # one length: yg below is all of y
         for L, rows in groups:  # one SDPA call per group length, each group attending only to itself
             qg, kg, vg = ((t if rows is None else t[rows]).view(-1, L, nh, hd).transpose(1, 2)
                           for t in (q, k, v))  # (G, nh, L, hd)
