@@ -1052,7 +1052,8 @@ def train(args):
 
 def load_trained(args, device):
     """--adapter (a `train` output folder) on the backbone it was trained on (its rm_config.json's
-    base_model) or on --model; or a merged export as --model with --adapter ''."""
+    base_model) or on --model; or a merged export as --model with --adapter ''.
+    Returns (reward model, the adapter folder used or None, the backbone folder)."""
     adapter, model = args.adapter or None, args.model
     if adapter and not os.path.isfile(os.path.join(adapter, "rm_config.json")):
         if adapter == DEFAULT_OUT and model and os.path.isfile(os.path.join(model, "head.safetensors")):
@@ -1069,15 +1070,15 @@ def load_trained(args, device):
             raise FileNotFoundError(f"{adapter}/rm_config.json: base_model {recorded}: not found; pass --model "
                                     f"with the backbone this adapter was trained on")
         model = recorded or DEFAULT_MODEL
-    return RewardModel.load(model, adapter=adapter, dtype=precision(device)[0], device=device)
+    return RewardModel.load(model, adapter=adapter, dtype=precision(device)[0], device=device), adapter, model
 
 
 def evaluate_cmd(args):
     device = pick_device(args.device)
     ensure_shapeworld(args.data)
-    rm = load_trained(args, device)
+    rm, adapter, model = load_trained(args, device)
     samples = load_samples(args.data, args.image_root, args.skip_bad, rm.max_responses)
-    saved = _read_rm_config(args.adapter) if args.adapter and os.path.isfile(os.path.join(args.adapter, "rm_config.json")) else {}
+    saved = _read_rm_config(adapter) if adapter else {}
     mode = args.mode or saved.get("mode", "joint")
     autocast = precision(device)[1]
     t0 = time.time()
@@ -1087,7 +1088,7 @@ def evaluate_cmd(args):
           f"{time.time() - t0:.1f}s")
     _print_report(report)
     if args.predictions is None:  # next to the model evaluated, never into another run's folder
-        args.predictions = os.path.join(args.adapter or args.model, "predictions.jsonl")
+        args.predictions = os.path.join(adapter or model, "predictions.jsonl")
     if args.predictions:
         os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
         with open(args.predictions, "w") as f:
@@ -1111,7 +1112,7 @@ def _print_report(report, indent=""):
 def score_cmd(args):
     from PIL import Image
     device = pick_device(args.device)
-    rm = load_trained(args, device)
+    rm = load_trained(args, device)[0]
     images = []
     for p in args.image:
         if not os.path.isfile(p):
