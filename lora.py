@@ -25,7 +25,8 @@ layers, bias training, quantized base layers, loading peft's own files back (we 
 Decisions worth knowing:
 - LoRA weights are created in fp32 whatever the base dtype (like peft's default
   `autocast_adapter_dtype`): tiny A/B updates vanish in bf16. The LoRA path runs in the dtype of
-  the LoRA weights; the sum is cast back to the base output's dtype.
+  the LoRA weights; the sum is cast back to the base output's dtype. Under autocast (mrrm's CUDA
+  path) the matmuls run in autocast's dtype anyway, so x goes in uncast.
 - Disabling a merged adapter, or merging a disabled one, raises: subtracting the delta again is not
   bit-exact, and a "reference model" that is only close to the base would be a silent lie.
 - Merge computes B@A in fp32 and rounds once into the base dtype; in bf16, unmerge then restores
@@ -76,10 +77,14 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if not self.enabled or self.merged:
             return result
-        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        # autocast runs both LoRA matmuls in its low dtype whatever goes in: there, casting x up to
+        # fp32 first would only add a copy of x and autocast's cast straight back (both again in
+        # backward), four passes over x per layer for the same values
+        dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
+        a = self.lora_A(self.dropout(x.to(dtype)))  # (..., r)
         # result + scaling * a @ B^T as one addmm: no separate scale and add passes over the (..., out)
         # activations (forward and backward), which on CPU cost more than the rank-r matmul itself.
-        # The sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
+        # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
         out = torch.addmm(result.reshape(-1, result.shape[-1]).to(a.dtype), a.reshape(-1, self.r),
                           self.lora_B.weight.t(), alpha=self.scaling)  # (tokens, out)
         return out.view(result.shape).to(result.dtype)

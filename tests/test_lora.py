@@ -218,6 +218,39 @@ def test_lora_path_runs_in_fp32_and_returns_the_base_dtype():
     assert torch.equal(out, expected), f"max |diff| {(out.float() - expected.float()).abs().max().item():.3g}"
 
 
+def test_under_autocast_the_lora_path_is_the_plain_low_precision_sum_and_copies_no_activation():
+    # under autocast both LoRA matmuls run in bf16 whatever goes in: an fp32 detour for x or the
+    # base output would give the same values through extra copies of those activations
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiedShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    model = toy(torch.bfloat16)
+    inject_lora(model, targets=[r"0"])
+    randomize_lora_B(model)
+    layer = model[0]
+    x = torch.randn(5, 8).to(torch.bfloat16).requires_grad_(True)
+    with CopiedShapes() as copies, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        out.square().sum().backward()
+    # autocast casts the fp32 LoRA weights (r = 16, in 8, out 6); nothing of the 5 tokens' activations
+    assert copies.shapes and not [s for s in copies.shapes if 5 in s], f"copies made: {copies.shapes}"
+    with torch.no_grad():
+        a = x.detach() @ layer.lora_A.weight.to(torch.bfloat16).t()  # (5, r) bf16
+        expected = torch.addmm(layer.base_layer(x.detach()), a, layer.lora_B.weight.to(torch.bfloat16).t(),
+                               alpha=layer.scaling)
+    assert out.dtype == torch.bfloat16, out.dtype
+    assert torch.equal(out, expected), f"max |diff| {(out.float() - expected.float()).abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8)])
 def test_the_fused_update_equals_base_plus_scaled_B_of_A_for_any_leading_shape(shape):
     # forward() adds the update with one addmm over the flattened tokens; it must keep x's leading
