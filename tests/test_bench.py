@@ -151,6 +151,16 @@ def test_bench_train_step_reports_throughput_and_trainable_parameters(tiny, caps
     assert "train r=4 independent ckpt" in capsys.readouterr().out
 
 
+def test_bench_profile_prints_the_operators_of_each_timed_row(tiny, capsys):
+    run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers", "--profile", "3"] + SIZES)
+    text = capsys.readouterr().out
+    head = "--- profile: train r=4 joint ckpt, one call, top 3 operators by self cpu time"
+    assert head in text, text[:2000]
+    table = text.split(head)[1]
+    # the step's matmuls (forward and the backward's input gradients) are among the costliest operators
+    assert "aten::" in table and "Self CPU" in table, table[:1500]
+
+
 def test_bench_train_reference_is_transformers_plus_peft_on_the_same_modules(tiny):
     pytest.importorskip("peft")
     out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--transformers"] + SIZES)
