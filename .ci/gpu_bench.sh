@@ -31,7 +31,7 @@ IMG="--image-tokens 1024 --prompt-len 50"
 # (--profile: each row's top operators by GPU time, where the milliseconds go)
 run train_4b_r16_compile 240 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 2 --repeats 3 --compile --profile 15
 # the packed forward, 4B: 1,024-token image + 50 prompt tokens + 4 x (128 + separator)
-run fwd_4b_n4_compile 180 --config 4b $IMG --n 4 --resp-len 128 --warmup 3 --repeats 5 --compile --no-flex
+run fwd_4b_n4_compile 180 --config 4b $IMG --n 4 --resp-len 128 --warmup 3 --repeats 5 --compile --no-flex --profile 15
 # the same two eager; r = 128 (the paper's rank: the 24 GB goal)
 run train_4b_r16 100 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 1 --repeats 3 --profile 15
 run fwd_4b_n4 100 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5 --no-flex
