@@ -55,6 +55,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the policy: the shape-world backbone fine-tuned with noisy answers (hedged or near-miss targets half the
 # time; data/pretrain_backbone.py --answer-noise), so it samples the right answer only about half the time
 DEFAULT_MODEL = os.path.join(HERE, "data", "shapeworld-policy")
+# the seed of the shape-world split: mrrm.py writes data/shapeworld with data/shapeworld.py's default
+# --seed 0, and data/pretrain_backbone.py --seed 0 left that split's held-out pairs out of the backbone.
+# The held-out prompts use it whatever --seed is: another seed's held-out stream is a different set,
+# partly in the reward model's training split and in the policy's pretraining.
+SPLIT_SEED = 0
 # settings that must not change between a run and its --resume
 RESUME_KEYS = ("model", "rm", "rm_model", "rm_mode", "rm_shuffle", "merge_duplicates", "group_size",
                "prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "lora_r", "lora_alpha",
@@ -74,6 +79,9 @@ def group_advantages(rewards, scale=True, eps=1e-4):
     if scale:
         adv = adv / (std + eps)
     zero = std.squeeze(-1) < 1e-6
+    # equal rewards: the float32 mean can be an ulp off the value, which / (std + eps) turns into
+    # advantages of +-3e-4; such a group carries no signal, so its advantages are exactly 0
+    adv = adv.masked_fill(zero[:, None], 0.0)
     return adv, {"reward_mean": rewards.mean().item(), "reward_std": std.mean().item(),
                  "zero_std_groups": int(zero.sum()), "zero_std_frac": zero.float().mean().item()}
 
@@ -90,6 +98,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     sequence's mean, then the mean over sequences: the GRPO paper), constant (sum / (B * max_len):
     Dr.GRPO, no length bias)."""
     adv = advantages[:, None]
+    # masked entries may hold anything (padding, NaN, inf): set them to 0 before exp. A where on the
+    # per-token loss alone keeps them out of its value, not its gradient: exp's backward turns the 0
+    # it gets there into 0 * inf or 0 * NaN = NaN
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp, old_logp = torch.where(mask, logp, zero), torch.where(mask, old_logp, zero)
+    if ref_logp is not None:
+        ref_logp = torch.where(mask, ref_logp, zero)
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)  # pessimistic bound: no gain from moving past the clip
@@ -99,8 +114,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
         d = ref_logp - logp
         kl = d.exp() - d - 1
         per_token = per_token + beta * kl
-    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
-    per_token = torch.where(mask, per_token, zero)  # where, not *: a NaN or inf at padding stays out
+    per_token = torch.where(mask, per_token, zero)  # masked tokens (ratio 1, loss -A there) count nothing
     n_tokens = mask.sum()
     if aggregation == "token-mean":
         loss = per_token.sum() / n_tokens.clamp(min=1)
@@ -314,6 +328,13 @@ def load_models(args, device):
     if not args.rm and not os.path.isfile(os.path.join(rm_model, "head.safetensors")):
         raise FileNotFoundError(f"{rm_model}: --rm '' needs a merged reward model (`mrrm.py train --export`) "
                                 "with head.safetensors; this folder has none")
+    # a group is one packed sequence: more responses than the reward model takes would stop step 1.
+    # A merged reward model (--rm '') keeps its rm_config.json beside its weights.
+    rm_dir = args.rm or rm_model
+    max_responses = mrrm._read_rm_config(rm_dir).get("max_responses")
+    if max_responses is not None and args.group_size > max_responses:
+        raise ValueError(f"--group-size {args.group_size}: the reward model scores at most {max_responses} "
+                         f"responses in one pass (max_responses in {os.path.join(rm_dir, 'rm_config.json')})")
     dtype = mrrm.precision(device)[0]
     policy = vlm.load_model(args.model, dtype=dtype, device=device)
     proc = vlm.Processor(args.model, policy.cfg)
@@ -345,7 +366,9 @@ def update(policy, opt, params, r, advantages, ref_logp, args, autocast):
         opt.step()
         m["entropy"] = entropy[mask].mean().item() if mask.any() else 0.0
         if it == 0 and mask.any():
-            # policy == sampler here: the gap is cached decoding vs a full forward (0 in fp32, small in bf16)
+            # policy == sampler here: the gap is cached decoding vs a full forward (0 in fp32, small in bf16),
+            # plus --lora-dropout's noise: as in standard GRPO/PPO the update passes run in train mode
+            # (dropout on) while the sampler's "old" and the reference log-probs were taken without it
             m["logp_drift"] = (logp.detach() - old).abs()[mask].max().item()
         history.append(m)
     return history
@@ -390,22 +413,36 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
     return metrics, (images, questions, texts)
 
 
-def train(args):
-    device = mrrm.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def check_args(args):
+    """Settings that would fail only later (in a step, an evaluation, a division) fail here, before
+    any model is loaded, with one line that names the flag."""
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0 for training (got {args.temperature}): the loss uses "
                          "log_softmax(logits / temperature)")
     if args.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 (got {args.group_size}): advantages compare within a group")
+    for flag, value in (("--prompts-per-step", args.prompts_per_step), ("--max-new-tokens", args.max_new_tokens),
+                        ("--iterations", args.iterations), ("--eval-samples", args.eval_samples)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1 (got {value})")
+    if args.eval_prompts < 0:
+        raise ValueError(f"--eval-prompts must be >= 0 (got {args.eval_prompts}; 0: no held-out evaluation)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (got {args.top_k}; 0: no top-k cut)")
+
+
+def train(args):
+    check_args(args)
+    device = mrrm.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     policy, proc, rm = load_models(args, device)
     policy.grad_checkpointing = args.grad_ckpt
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
     autocast = mrrm.precision(device)[1]
     # the shape-world held-out split's first prompts: neither the policy's pretraining nor the RM's data has them
-    heldout = shapeworld.heldout_samples(args.eval_prompts, args.seed)
+    heldout = shapeworld.heldout_samples(args.eval_prompts, SPLIT_SEED)
     heldout_ids = {s["record"]["id"] for s in heldout}
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
@@ -499,6 +536,7 @@ def bench(args):
     G = --group-size samples of exactly --max-new-tokens tokens (no stop token), the reward pass over
     the group three ways (joint, independent, G separate sequences), the reference pass (beta > 0)
     and one policy update. A warm-up step first; prints seconds per phase and the step's peak memory."""
+    check_args(args)
     device = mrrm.pick_device(args.device)
     dtype, autocast = mrrm.precision(device)
     sizes = args.bench.split(":")
@@ -646,7 +684,8 @@ def parser():
                    help="identical responses in a group share the mean of their scores")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="on in the update passes only: sampling and the old/reference log-probs run without it")
     g = ap.add_argument_group("sampling")
     g.add_argument("--group-size", "-G", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--prompts-per-step", type=int, default=4)

@@ -28,7 +28,8 @@ Decisions worth knowing:
   the LoRA weights; the sum is cast back to the base output's dtype. Under autocast (mrrm's CUDA
   path) the matmuls run in autocast's dtype anyway, so x goes in uncast.
 - Disabling a merged adapter, or merging a disabled one, raises: subtracting the delta again is not
-  bit-exact, and a "reference model" that is only close to the base would be a silent lie.
+  bit-exact, and a "reference model" that is only close to the base would be a silent lie. The
+  model-wide calls check every layer first, so the error leaves the model as it was.
 - Merge computes B@A in fp32 and rounds once into the base dtype; in bf16, unmerge then restores
   the base weight only up to that rounding.
 """
@@ -150,7 +151,13 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float
 
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    for _, layer in lora_layers(model):
+    layers = lora_layers(model)
+    merged = [name for name, layer in layers if layer.merged]
+    # every layer is checked before any changes: an error never leaves the model half disabled
+    if not enabled and merged:
+        raise RuntimeError(f"cannot disable a merged LoRA adapter ({len(merged)} of {len(layers)} layers merged, "
+                           f"first {merged[0]}): call unmerge_lora(model) first")
+    for _, layer in layers:
         layer.set_enabled(enabled)
 
 
@@ -168,7 +175,13 @@ def adapter_disabled(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
+    layers = lora_layers(model)
+    disabled = [name for name, layer in layers if not layer.enabled]
+    # every layer is checked before any changes: an error never leaves the model half merged
+    if disabled:
+        raise RuntimeError(f"cannot merge a disabled LoRA adapter ({len(disabled)} of {len(layers)} layers disabled, "
+                           f"first {disabled[0]}): enable it first")
+    for _, layer in layers:
         layer.merge()
 
 
@@ -180,8 +193,8 @@ def unmerge_lora(model: nn.Module) -> None:
 def strip_lora(model: nn.Module) -> nn.Module:
     """Merge, then put each base nn.Linear back in its place: a plain model for a merged export.
     The base weights stay frozen (requires_grad False), as inject_lora left them."""
+    merge_lora(model)  # all or nothing: raises before any layer is replaced
     for name, layer in lora_layers(model):
-        layer.merge()
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
     return model
@@ -229,8 +242,11 @@ def load_lora(model: nn.Module, path: str) -> dict:
                  for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
     if "lora" in metadata:
         saved, ours = json.loads(metadata["lora"]), _hyperparameters(model)
+        # both set the scaling: a file that does not say them cannot be checked, so it is refused
+        problems += [f"hyperparameter {k}: missing from the file's lora metadata, model {ours[k]}"
+                     for k in ("alpha", "use_rslora") if k not in saved]
         problems += [f"hyperparameter {k}: file {saved[k]}, model {ours[k]}"
-                     for k in ("alpha", "use_rslora") if saved.get(k) != ours[k]]
+                     for k in ("alpha", "use_rslora") if k in saved and saved[k] != ours[k]]
     if problems:
         raise ValueError(f"{path}: adapter does not fit the model ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))

@@ -2,6 +2,7 @@
 pass, sampler log-probs vs a fresh forward, and the training loop / CLI on tiny random checkpoints."""
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -105,6 +106,14 @@ def test_advantages_are_group_normalised_and_zero_std_groups_are_counted():
     assert abs(m["reward_mean"] - rewards.mean().item()) < 1e-6, m
 
 
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_group_of_equal_rewards_gets_advantages_of_exactly_zero(scale):
+    rewards = torch.full((1, 8), 0.3)  # float32's mean of eight 0.3 is an ulp off 0.3
+    adv, m = grpo.group_advantages(rewards, scale=scale)
+    assert torch.equal(adv, torch.zeros(1, 8)), f"scale={scale}: advantages {adv.tolist()}, want exactly 0"
+    assert m["zero_std_groups"] == 1, m
+
+
 def test_advantages_without_std_division_are_centred_rewards():
     rewards = torch.tensor([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
     adv, m = grpo.group_advantages(rewards, scale=False)
@@ -163,8 +172,9 @@ def test_values_at_masked_positions_never_reach_the_loss_or_its_gradient():
     old, ref = logp + 0.1 * torch.randn(2, 4, generator=g), logp - 0.1
     adv = torch.tensor([0.7, -1.2])
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])  # padding at the end
-    results = []
-    for junk in (0.0, 25.0, -40.0):
+    results, grads = [], []
+    # 1e4 and -1e4: exp of the ratio's or the KL's log-difference overflows to inf; -inf: inf - inf is NaN
+    for junk in (0.0, 25.0, -40.0, 1e4, -1e4, float("nan"), float("-inf")):
         lp = logp.clone()
         o, r = old.clone(), ref.clone()
         lp[~mask], o[~mask], r[~mask] = junk, -junk, junk / 2
@@ -172,8 +182,10 @@ def test_values_at_masked_positions_never_reach_the_loss_or_its_gradient():
         loss, m = grpo.grpo_loss(lp, o, r, adv, mask, 0.2, 0.28, 0.05, "token-mean")
         loss.backward()
         assert torch.all(lp.grad[~mask] == 0), f"junk {junk}: gradient at masked positions {lp.grad}"
-        results.append((loss.item(), m["kl"], m["clip_frac"]))
+        results.append((loss.item(), m["kl"], m["clip_frac"], m["ratio"]))
+        grads.append(lp.grad[mask])
     assert all(abs(a - b) < 1e-6 for r in results[1:] for a, b in zip(r, results[0])), results
+    assert all(torch.allclose(g, grads[0], atol=1e-7) for g in grads[1:]), f"real tokens' gradients: {grads}"
 
 
 # ----------------------------------------------------------------------------- rollouts and log-probs
@@ -318,6 +330,26 @@ def test_update_steps_lower_the_loss_on_a_fixed_batch(folder):
     assert history[0]["logp_drift"] < 1e-4, "first iteration: the policy is the sampler"
 
 
+def test_lora_dropout_is_on_in_the_update_and_off_when_sampling(folder):
+    policy = vlm.load_model(folder)
+    torch.manual_seed(0)
+    lora.inject_lora(policy, r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a visible LoRA path, so that dropping its inputs changes the log-probs
+    args = settings()
+    prompts, outs, _ = rollouts(folder, policy, [sample(13)], args, stop_ids=list(range(14, 110)))
+    r = grpo.pack_rollouts(prompts, outs)
+    with torch.no_grad():  # rollout left the policy in eval mode: the sampler's log-probs, dropout off
+        gap = (grpo.token_logprobs(policy, r, 1.0)[0] - r.old_logp)[r.completion_mask].abs().max().item()
+    assert gap < 1e-4, f"eval-mode forward vs sampler log-probs differ by {gap}: the sampler ran with dropout"
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    m = grpo.update(policy, torch.optim.SGD(params.values(), lr=0.0), params, r, torch.ones(4), None, args,
+                    contextlib.nullcontext())[0]
+    assert m["logp_drift"] > 1e-3, f"first update pass vs sampler log-probs differ by only {m['logp_drift']}: no dropout"
+
+
 def test_mask_truncated_leaves_length_limited_completions_out_of_the_loss(folder):
     policy = make_policy(folder)
     args = settings(group_size=4, max_new_tokens=6)
@@ -363,6 +395,59 @@ def test_cli_writes_metrics_and_checkpoints_and_resume_continues_exactly(folder,
     wa, wb = load_file(str(full / "adapter.safetensors")), load_file(str(split / "adapter.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed run ends with different LoRA weights"
     assert any(not torch.all(wa[k] == 0) for k in wa if "lora_B" in k), "training changed nothing"
+
+
+class Evaluated(Exception):
+    pass
+
+
+def test_held_out_prompts_are_the_splits_first_whatever_the_seed_and_none_is_in_its_training_split(
+        folder, rm_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def record(policy, proc, samples, args, autocast):
+        seen[args.seed] = [s["record"]["id"] for s in samples]
+        raise Evaluated  # the held-out prompts are all this test needs: no training step
+
+    monkeypatch.setattr(grpo, "heldout_accuracy", record)
+    for seed in (0, 1):
+        with pytest.raises(Evaluated):
+            cli(folder, rm_dir, tmp_path / f"seed{seed}", "--seed", str(seed), "--eval-prompts", "64")
+    # the split as data/shapeworld.py writes it with its defaults (mrrm.py's data): held-out first, then train
+    d = shapeworld.build_parser().parse_args([])
+    heldout = [s["record"]["id"] for s in shapeworld.heldout_samples(d.heldout, d.seed, d.image_size)]
+    train = {s["record"]["id"] for s in itertools.islice(
+        shapeworld.stream("train", d.seed, d.image_size, exclude=heldout, mix=shapeworld.parse_mix(d.train_mix)), d.train)}
+    assert seen[0] == seen[1], f"--seed 1 evaluates {len(set(seen[1]) - set(seen[0]))} of 64 other prompts"
+    assert seen[1] == heldout[:64], f"{len(set(seen[1]) - set(heldout))} of 64 not in the held-out split"
+    assert not set(seen[1]) & train, f"{len(set(seen[1]) & train)} of 64 held-out prompts are in the training split"
+
+
+def test_the_split_seed_is_the_one_the_data_and_the_shipped_backbones_were_made_with():
+    assert shapeworld.build_parser().get_default("seed") == grpo.SPLIT_SEED
+    for name in ("shapeworld-backbone", "shapeworld-policy"):
+        with open(os.path.join(grpo.HERE, "data", name, "pretrain.json")) as f:
+            recorded = json.load(f)["args"]
+        assert recorded["seed"] == grpo.SPLIT_SEED, f"{name} left out the held-out split of seed {recorded['seed']}"
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1 (got 0)"),
+    ("--iterations", "0", "--iterations must be >= 1 (got 0)"),
+    ("--eval-samples", "0", "--eval-samples must be >= 1 (got 0)"),
+    ("--prompts-per-step", "0", "--prompts-per-step must be >= 1 (got 0)"),
+    ("--top-k", "-1", "--top-k must be >= 0 (got -1"),
+    ("-G", "17", "--group-size 17: the reward model scores at most 16 responses"),
+])
+def test_a_bad_setting_is_one_error_line_before_any_model_is_loaded(folder, rm_dir, tmp_path, monkeypatch, capsys,
+                                                                    flag, value, says):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+    monkeypatch.setattr(grpo.vlm, "load_model", refuse)
+    with pytest.raises(SystemExit):
+        cli(folder, rm_dir, tmp_path / "run", "--steps", "1", flag, value)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
 
 
 def test_beta_zero_skips_the_reference_pass(folder, rm_dir, tmp_path, monkeypatch):

@@ -165,6 +165,48 @@ def test_disabling_a_merged_adapter_raises():
         set_adapter_enabled(model, False)
 
 
+def lora_snapshot(model):
+    """Everything a failed call could change: module types, per-layer flags and every tensor."""
+    flags = [(name, layer.enabled, layer.merged) for name, layer in lora.lora_layers(model)]
+    return [type(m).__name__ for m in model], flags, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before, what):
+    types, flags, tensors = lora_snapshot(model)
+    assert types == before[0], f"{what}: modules {before[0]} became {types}"
+    assert flags == before[1], f"{what}: (layer, enabled, merged) {before[1]} became {flags}"
+    changed = [k for k in tensors if not torch.equal(tensors[k], before[2][k])]
+    assert tensors.keys() == before[2].keys() and not changed, f"{what}: tensors changed: {changed}"
+
+
+def test_disabling_an_adapter_with_one_merged_layer_raises_and_leaves_every_layer_as_it_was():
+    model = toy()
+    inject_lora(model, r=2, targets=[r"0", r"2"])
+    model[2].merge()  # the last layer: a layer-by-layer disable would have switched layer 0 off first
+    before = lora_snapshot(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with adapter_disabled(model):
+            pass
+    assert_unchanged(model, before, "adapter_disabled")
+    with pytest.raises(RuntimeError, match="unmerge"):
+        set_adapter_enabled(model, False)
+    assert_unchanged(model, before, "set_adapter_enabled(False)")
+
+
+def test_stripping_or_merging_an_adapter_with_one_disabled_layer_raises_and_changes_nothing():
+    model = toy()
+    inject_lora(model, r=2, targets=[r"0", r"2"])
+    randomize_lora_B(model)  # a merge would change the base weights
+    model[2].set_enabled(False)
+    before = lora_snapshot(model)
+    with pytest.raises(RuntimeError, match="enable it first"):
+        strip_lora(model)
+    assert_unchanged(model, before, "strip_lora")
+    with pytest.raises(RuntimeError, match="enable it first"):
+        merge_lora(model)
+    assert_unchanged(model, before, "merge_lora")
+
+
 def test_only_lora_parameters_require_grad_after_injection():
     model = tiny_vlm()
     inject_lora(model, targets=DEFAULT_TARGETS + VISION_TARGETS)
@@ -312,6 +354,21 @@ def test_load_lists_every_missing_unexpected_and_misshaped_key_and_names_the_fil
     inject_lora(mis, r=3, targets=[r"0"])
     with pytest.raises(ValueError, match=r"mis-shaped key 0\.lora_A\.weight: file \(2, 8\), model \(3, 8\)"):
         load_lora(mis, path)
+
+
+@pytest.mark.parametrize("key", ["alpha", "use_rslora"])
+def test_load_of_a_file_whose_lora_metadata_lacks_a_hyperparameter_names_the_file_and_the_key(tmp_path, key):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "adapter.safetensors")
+    model = toy()
+    inject_lora(model, r=2, targets=[r"0"])
+    hp = {"r": 2, "alpha": 32, "dropout": 0.0, "use_rslora": False}
+    del hp[key]
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, path, metadata={"lora": json.dumps(hp), "config": "{}"})
+    with pytest.raises(ValueError, match=f"hyperparameter {key}: missing from the file's lora metadata") as err:
+        load_lora(model, path)
+    assert path in str(err.value), str(err.value)
 
 
 def test_load_of_a_truncated_file_gives_an_error_naming_the_file(tmp_path):
