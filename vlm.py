@@ -11,14 +11,15 @@ What is here, top to bottom:
   - A strict safetensors loader (single file or sharded) that builds the model on the meta device
     and assigns tensors in the requested dtype, so a bf16 4B model never exists in fp32.
   - Processor: images (Pillow + numpy) and videos (frames, folder, GIF) into pixel rows + grids,
-    a hand-written Qwen3-VL chat format, and 3D (t, h, w) position ids.
+    a hand-written Qwen3-VL chat format, and 3D (t, h, w) position ids. to_rgb() and open_image()
+    are how images enter, as in transformers: transparency onto white, files turned by their EXIF tag.
   - A KV cache and generation: greedy / temperature / top-k / top-p, G samples from one prefill.
   - write_tiny_checkpoint(): a random Qwen3-VL of any small size in the real Hub layout, with a
     small byte-level BPE tokenizer holding the Qwen special tokens, so everything runs on a CPU.
 
 Usage:
     model = load_model("path/to/Qwen3-VL-4B-Instruct", dtype=torch.bfloat16, device="cuda")
-    proc = Processor.from_folder("path/to/Qwen3-VL-4B-Instruct")
+    proc = Processor("path/to/Qwen3-VL-4B-Instruct")
     batch = proc.chat(images=[Image.open("x.png")], text="What is in the image?")
     out = generate(model, batch, max_new_tokens=64, stop_ids=proc.stop_ids)
 
@@ -30,6 +31,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -533,9 +535,18 @@ def read_checkpoint_index(folder):
     if os.path.isfile(index):
         with open(index) as f:
             try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}") from None
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index}: not valid JSON ({e})") from None
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            found = f"'weight_map' is {type(weight_map).__name__}" if isinstance(d, dict) else f"a {type(d).__name__}"
+            raise ValueError(f"{index}: not a safetensors index (need an object with a 'weight_map' object; "
+                             f"found {found})")
+        bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{index}: not a safetensors index: weight_map maps {bad[0]!r} to "
+                             f"{weight_map[bad[0]]!r}, not a shard file name")
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     single = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(single):
@@ -565,24 +576,31 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
     missing = sorted(set(expected) - set(where))
     unexpected = sorted(set(where) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     problems = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
-    state = {}
+    state, found = {}, set()
     for path in sorted(set(where.values())):
         if not os.path.isfile(path):
             problems.append(f"missing shard file: {path}")
             continue
+        # only opening reads the file's header (and checks its size against it): an error there is the
+        # file's; an error in get_tensor or .to() below is the device's (no CUDA, out of memory)
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for name in f.keys():
-                    if name not in expected or where.get(name) != path:
-                        continue
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != tuple(expected[name]):
-                        problems.append(f"shape mismatch: {name} is {tuple(t.shape)} in {os.path.basename(path)}, "
-                                        f"the config needs {tuple(expected[name])}")
-                        continue
-                    state[name] = t.to(dtype)
-        except Exception as e:
+            f = safe_open(path, framework="pt", device=str(device))
+            names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error type for bad headers and short files
             raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+        with f:
+            for name in names:
+                if name not in expected or where.get(name) != path:
+                    continue
+                found.add(name)
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(expected[name]):
+                    problems.append(f"shape mismatch: {name} is {tuple(t.shape)} in {os.path.basename(path)}, "
+                                    f"the config needs {tuple(expected[name])}")
+                    continue
+                state[name] = t.to(dtype)
+    problems += [f"not in its shard: {k} (the index names {os.path.basename(p)}, which does not hold it)"
+                 for k, p in sorted(where.items()) if k in expected and k not in found and os.path.isfile(p)]
     if problems:
         raise ValueError(f"{folder}: checkpoint does not match config.json ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))
@@ -672,30 +690,56 @@ def frame_pair_timestamps(indices, video_fps, temporal=2):
     return [(ts[i] + ts[i + temporal - 1]) / 2 for i in range(0, len(ts), temporal)]
 
 
+def to_rgb(image):
+    """A PIL image as RGB with any transparency (alpha band, or a palette/colour-key `transparency`)
+    composited onto white, as transformers' convert_to_rgb does: a plain convert("RGB") drops the
+    alpha and shows whatever colour the transparent pixels happen to hold, often black."""
+    from PIL import Image
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def open_image(path):
+    """An image file as an upright RGB image: EXIF orientation applied (a camera stores the pixels
+    sideways plus a tag saying how to show them; transformers' load_image applies it too), then to_rgb."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the files of a frame folder
+
+
 def load_video_frames(source, video_fps=None):
     """A video as (list of RGB PIL frames, fps). `source`: a list of images/paths, a folder of frames
-    (sorted by name), a GIF, or an mp4 read with PyAV when it is installed. Frame lists and folders
-    carry no timing: `video_fps` says their rate (default 2, i.e. already sampled at Qwen's 2 fps)."""
+    (in natural order), a GIF, or an mp4 read with PyAV when it is installed. Frame lists and folders
+    carry no timing: `video_fps` says their rate (default 2, i.e. already sampled at Qwen's 2 fps).
+    A GIF or mp4 keeps its own timing; video_fps is ignored for it. Paths open with open_image."""
     from PIL import Image
     if isinstance(source, (list, tuple)):
-        frames = [Image.open(f) if isinstance(f, (str, os.PathLike)) else f for f in source]
-        return [f.convert("RGB") for f in frames], video_fps or 2.0
+        if not source:
+            raise ValueError("video given as an empty frame list")
+        return [open_image(f) if isinstance(f, (str, os.PathLike)) else to_rgb(f) for f in source], video_fps or 2.0
     path = str(source)
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+        # natural order: frame_2 before frame_10, which a plain sort puts after it
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         if not names:
-            raise ValueError(f"{path}: video folder holds no .png/.jpg/.jpeg/.webp/.bmp frames")
-        return [Image.open(os.path.join(path, n)).convert("RGB") for n in names], video_fps or 2.0
+            raise ValueError(f"{path}: video folder holds no {'/'.join(FRAME_EXTENSIONS)} frames")
+        return [open_image(os.path.join(path, n)) for n in names], video_fps or 2.0
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: video not found")
     if path.lower().endswith(".gif"):
-        im = Image.open(path)
         frames, durations = [], []
-        for i in range(getattr(im, "n_frames", 1)):
-            im.seek(i)
-            frames.append(im.convert("RGB"))
-            durations.append(im.info.get("duration", 100) or 100)
-        return frames, video_fps or 1000.0 / (sum(durations) / len(durations))
+        with Image.open(path) as im:
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                frames.append(to_rgb(im))
+                durations.append(im.info.get("duration", 100) or 100)
+        return frames, 1000.0 / (sum(durations) / len(durations))
     try:
         import av
     except ImportError:
@@ -703,9 +747,11 @@ def load_video_frames(source, video_fps=None):
                          "or give the video as a folder of frames, a list of frame paths, or a GIF") from None
     with av.open(path) as container:
         stream = container.streams.video[0]
-        frames = [f.to_image().convert("RGB") for f in container.decode(stream)]
+        frames = [to_rgb(f.to_image()) for f in container.decode(stream)]
         fps = float(stream.average_rate or 24)
-    return frames, video_fps or fps
+    if not frames:
+        raise ValueError(f"{path}: no video frames decoded")
+    return frames, fps
 
 
 class Tokenizer:
@@ -718,7 +764,16 @@ class Tokenizer:
         self.tok = HFTokenizer.from_file(path)
 
     def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Text -> ids, as text: a special token's spelling in it ("<|im_end|>", "<|image_pad|>") stays
+        plain characters, as with transformers' split_special_tokens=True, so a prompt or response
+        can never forge a turn end, a reward-model separator or an image slot. Special tokens enter
+        the sequence only by id (Processor.tok); self.tok.encode still parses them, for templates."""
+        # a flag on the shared tokenizer: set for this call only, so self.tok.encode keeps its default
+        before, self.tok.encode_special_tokens = self.tok.encode_special_tokens, True
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = before
 
     def decode(self, ids, skip_special=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -739,17 +794,40 @@ class Batch:
     grid_thw: torch.Tensor = None  # (n_groups, 3)
 
 
+def read_processor_settings(folder):
+    """(image settings, video settings) of a checkpoint folder, looked up in transformers' order: the
+    "image_processor" / "video_processor" objects of processor_config.json (the layout transformers v5
+    saves), else preprocessor_config.json / video_preprocessor_config.json; video settings fall back
+    to the image settings (older checkpoints kept both in one file)."""
+    def read(name):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object, found a {type(d).__name__}")
+        return d
+    nested = read("processor_config.json") or {}
+    image = nested.get("image_processor") or read("preprocessor_config.json")
+    if image is None:
+        # silent defaults would preprocess differently from the model's training without a word
+        raise FileNotFoundError(f"{folder}: no image processor settings: expected preprocessor_config.json, or "
+                                "processor_config.json holding an 'image_processor' object, as downloaded from the Hub")
+    video = nested.get("video_processor") or read("video_preprocessor_config.json") or image
+    return image, video
+
+
 class Processor:
     """Images, videos and text -> token ids, pixel rows, grids and 3D positions (one prompt)."""
 
     def __init__(self, folder, cfg=None):
         self.cfg = cfg or Config.from_folder(folder)
         self.tokenizer = Tokenizer(os.path.join(folder, "tokenizer.json"))
-        pp = {}
-        path = os.path.join(folder, "preprocessor_config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                pp = json.load(f)
+        pp, vp = read_processor_settings(folder)
         size = pp.get("size") or {}
         self.min_pixels = pp.get("min_pixels") or size.get("shortest_edge", 65536)
         self.max_pixels = pp.get("max_pixels") or size.get("longest_edge", 16777216)
@@ -758,26 +836,29 @@ class Processor:
         self.temporal = pp.get("temporal_patch_size", self.cfg.vision.temporal_patch_size)
         self.mean = np.array(pp.get("image_mean", [0.5, 0.5, 0.5]), dtype=np.float32)
         self.std = np.array(pp.get("image_std", [0.5, 0.5, 0.5]), dtype=np.float32)
-        vp = {}
-        vpath = os.path.join(folder, "video_preprocessor_config.json")
-        if os.path.isfile(vpath):
-            with open(vpath) as f:
-                vp = json.load(f)
         vsize = vp.get("size") or {}
         self.video_min_pixels = vsize.get("shortest_edge", 128 * 32 * 32)
         self.video_max_pixels = vsize.get("longest_edge", 768 * 32 * 32)
         self.video_fps = vp.get("fps", 2.0)
+        # TODO: num_frames / do_sample_frames=false (sample by count, or not at all) and cap_pixels_per_frame
+        # (transformers' opt-in qwen-vl-utils budget) are not read: Qwen3-VL's own configs hold
+        # do_sample_frames=true (what we do) and leave the other two unset
+        self.video_min_frames = vp.get("min_frames", 4)
+        self.video_max_frames = vp.get("max_frames", 768)
+        self.video_mean = np.array(vp.get("image_mean", [0.5, 0.5, 0.5]), dtype=np.float32)
+        self.video_std = np.array(vp.get("image_std", [0.5, 0.5, 0.5]), dtype=np.float32)
         self.tok = {name: self.tokenizer.token_id(name) for name in
                     ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
         if self.tok["<|image_pad|>"] != self.cfg.image_token_id or self.tok["<|video_pad|>"] != self.cfg.video_token_id:
             raise ValueError(f"{folder}: tokenizer.json and config.json disagree on the image/video pad token ids")
         self.stop_ids = [self.tok["<|im_end|>"]] + [i for i in [self.tokenizer.tok.token_to_id("<|endoftext|>")] if i is not None]
 
-    def _rows(self, frames, h, w):
+    def _rows(self, frames, h, w, video=False):
         """frames: list of PIL images (1 for an image, 2 per group for a video) -> (rows, (t, gh, gw))."""
         from PIL import Image
-        x = np.stack([np.asarray(f.convert("RGB").resize((w, h), Image.BICUBIC)) for f in frames])  # (F, H, W, C)
-        x = (x.astype(np.float32) / 255.0 - self.mean) / self.std
+        x = np.stack([np.asarray(to_rgb(f).resize((w, h), Image.BICUBIC)) for f in frames])  # (F, H, W, C)
+        mean, std = (self.video_mean, self.video_std) if video else (self.mean, self.std)
+        x = (x.astype(np.float32) / 255.0 - mean) / std
         x = x.transpose(0, 3, 1, 2)  # (F, C, H, W)
         if len(x) % self.temporal:  # an image becomes `temporal` equal frames; a video repeats its last
             x = np.concatenate([x, np.repeat(x[-1:], self.temporal - len(x) % self.temporal, axis=0)])
@@ -788,7 +869,8 @@ class Processor:
         return torch.from_numpy(np.ascontiguousarray(x).reshape(t * gh * gw, 3 * T * p * p)), (t, gh, gw)
 
     def image(self, img):
-        """PIL image -> (pixel rows (gh*gw, C*T*p*p), grid (1, gh, gw))."""
+        """PIL image -> (pixel rows (gh*gw, C*T*p*p), grid (1, gh, gw)). The image is used as given, as
+        transformers does with a PIL input: open files with open_image to apply their EXIF orientation."""
         w, h = img.size
         h2, w2 = smart_resize(h, w, self.patch * self.merge, self.min_pixels, self.max_pixels)
         return self._rows([img], h2, w2)
@@ -796,7 +878,7 @@ class Processor:
     def video(self, source, video_fps=None):
         """-> list of (rows, grid (1, gh, gw), seconds): one entry per pair of frames."""
         frames, fps = load_video_frames(source, video_fps)
-        idx = sample_frame_indices(len(frames), fps, self.video_fps)
+        idx = sample_frame_indices(len(frames), fps, self.video_fps, self.video_min_frames, self.video_max_frames)
         frames = [frames[i] for i in idx]
         w, h = frames[0].size
         h2, w2 = video_smart_resize(max(len(frames), self.temporal), h, w, self.patch * self.merge,
@@ -804,7 +886,7 @@ class Processor:
         stamps = frame_pair_timestamps(idx, fps, self.temporal)
         groups = []
         for g, s in enumerate(stamps):
-            rows, grid = self._rows(frames[g * self.temporal:(g + 1) * self.temporal], h2, w2)
+            rows, grid = self._rows(frames[g * self.temporal:(g + 1) * self.temporal], h2, w2, video=True)
             groups.append((rows, grid, s))
         return groups
 
@@ -812,21 +894,26 @@ class Processor:
         """The user turn and the assistant header as (ids, rows, grids): Qwen3-VL's chat format
         `<|im_start|>user\\n[vision blocks]TEXT<|im_end|>\\n<|im_start|>assistant\\n`, no system prompt.
         A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair; video_fps
-        is the frame rate of frame folders and lists (load_video_frames)."""
+        is the frame rate of frame folders and lists (load_video_frames). The text between two special
+        tokens is encoded as one string, as tokenizing the whole template does: "user\\n" + a text that
+        starts with "\\n" can merge into one "\\n\\n" token under Qwen's pre-tokenizer."""
         t = self.tok
-        ids = [t["<|im_start|>"]] + self.tokenizer.encode("user\n")
+        ids, text_run = [t["<|im_start|>"]], "user\n"
         rows, grids = [], []
         n_merge = self.merge ** 2
         for img in images:
             r, g = self.image(img)
+            ids += self.tokenizer.encode(text_run)
             ids += [t["<|vision_start|>"]] + [t["<|image_pad|>"]] * (g[0] * g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
             rows.append(r), grids.append(g)
+            text_run = ""
         for vid in videos:
             for r, g, s in self.video(vid, video_fps):
-                ids += self.tokenizer.encode(f"<{s:.1f} seconds>")
+                ids += self.tokenizer.encode(text_run + f"<{s:.1f} seconds>")
                 ids += [t["<|vision_start|>"]] + [t["<|video_pad|>"]] * (g[1] * g[2] // n_merge) + [t["<|vision_end|>"]]
                 rows.append(r), grids.append(g)
-        ids += self.tokenizer.encode(text) + [t["<|im_end|>"]] + self.tokenizer.encode("\n")
+                text_run = ""
+        ids += self.tokenizer.encode(text_run + text) + [t["<|im_end|>"]] + self.tokenizer.encode("\n")
         ids += [t["<|im_start|>"]] + self.tokenizer.encode("assistant\n")
         return ids, rows, grids
 
@@ -846,9 +933,14 @@ def rope_positions(ids, grid_thw, cfg):
     is_vis = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
     pos = torch.zeros(3, len(ids), dtype=torch.long)
     m = cfg.vision.spatial_merge_size
-    grids = iter(grid_thw.tolist() if grid_thw is not None else [])
+    grid_list = grid_thw.tolist() if grid_thw is not None else []
     i, cur, T = 0, 0, len(ids)
     starts = torch.nonzero(is_vis[1:] & ~is_vis[:-1]).flatten().add(1).tolist() + ([0] if T and is_vis[0] else [])
+    if len(starts) != len(grid_list):
+        raise ValueError(f"{len(starts)} vision groups (runs of image/video pad tokens) in the ids but "
+                         f"{len(grid_list)} grids in grid_thw; each group needs its own (1, h, w) grid "
+                         "(a video: one per frame pair)")
+    grids = iter(grid_list)
     for s in sorted(starts) + [T]:  # text run [i, s), then the vision group starting at s
         pos[:, i:s] = torch.arange(cur, cur + s - i)
         cur += s - i
@@ -972,7 +1064,9 @@ def generate(model, batch, max_new_tokens=64, n=1, temperature=0.0, top_k=0, top
     `logprobs` (per sampled token, of log_softmax(logits / temperature), before top-k/top-p) and,
     with return_logits, the raw next-token logits of every step (n, steps, V). cuda_graph (default:
     on for CUDA) replays each decoding step as one captured CUDA graph (DecodeStep); off, each step
-    is a plain forward over the cache."""
+    is a plain forward over the cache. max_new_tokens below 1 is a ValueError, as in transformers."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens is {max_new_tokens}; generate() samples at least one token")
     T = batch.input_ids.shape[1]
     p = next(model.parameters())
     if cuda_graph is None:

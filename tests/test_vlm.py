@@ -5,6 +5,7 @@ installed, and CI installs it."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -223,6 +224,193 @@ def test_chat_ids_equal_tokenizing_the_whole_template_string(tiny):
     assert batch.input_ids[0].tolist() == proc.tokenizer.tok.encode(s, add_special_tokens=False).ids
 
 
+def transparent_images():
+    """Each way Pillow marks transparency: an alpha band (RGBA, LA) and a palette index (P + transparency)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    alpha = np.zeros((50, 70), np.uint8)
+    alpha[:, :35] = 255  # the right half fully transparent
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 0
+    return {"RGBA": Image.fromarray(np.dstack([rgb, alpha])), "LA": Image.fromarray(np.dstack([rgb[..., 0], alpha])),
+            "P+transparency": palette}
+
+
+def test_to_rgb_composites_transparency_onto_white_like_transformers_convert_to_rgb():
+    pytest.importorskip("transformers")
+    from transformers.image_transforms import convert_to_rgb
+    for name, img in transparent_images().items():
+        want = convert_to_rgb(img, return_numpy=True)
+        diff = np.abs(np.asarray(vlm.to_rgb(img), dtype=int) - want).max()
+        assert diff == 0, f"{name}: to_rgb differs from convert_to_rgb by {diff} levels"
+    clear_red = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert vlm.to_rgb(clear_red).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_transparent_images_and_frames_give_reference_rows(tiny, tmp_path):
+    ref = reference_image_processor(8, 32 * 32, 96 * 96)
+    proc = vlm.Processor(tiny)
+    for name, img in transparent_images().items():
+        want = ref(images=[img], return_tensors="np")["pixel_values"]
+        diff = np.abs(want - proc.image(img)[0].numpy()).max()
+        assert diff <= 1e-5, f"{name}: image rows differ from the reference by {diff:.3f}"
+    clear_red = Image.new("RGBA", (16, 16), (255, 0, 0, 0))
+    clear_red.save(tmp_path / "f0.png")
+    for source in ([clear_red], [str(tmp_path / "f0.png")], str(tmp_path)):
+        frames, _ = vlm.load_video_frames(source)
+        assert frames[0].getpixel((0, 0)) == (255, 255, 255), f"{source}: frame pixel {frames[0].getpixel((0, 0))}"
+
+
+def test_image_files_are_turned_upright_by_their_exif_orientation_like_load_image(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.image_utils import load_image
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40] = 255
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # Orientation: stored sideways, show rotated by 90 degrees
+    os.makedirs(tmp_path / "frames")
+    path = str(tmp_path / "frames" / "0.jpg")
+    img.save(path, exif=exif)
+    for source in ([path, path], str(tmp_path / "frames")):
+        frames, _ = vlm.load_video_frames(source)
+        assert frames[0].size == (40, 80), f"{source}: frame (w, h) {frames[0].size}, want (40, 80)"
+    want = np.asarray(load_image(path))
+    got = np.asarray(vlm.open_image(path))
+    assert got.shape == want.shape == (80, 40, 3), f"open_image {got.shape}, load_image {want.shape}"
+    assert np.array_equal(got, want)
+
+
+def nested_processor_folder(tiny, folder):
+    """The tiny checkpoint with its two processor files moved into processor_config.json, as
+    transformers v5 saves them."""
+    shutil.copytree(tiny, folder)
+    nested = {"processor_class": "Qwen3VLProcessor"}
+    for key, name in (("image_processor", "preprocessor_config.json"),
+                      ("video_processor", "video_preprocessor_config.json")):
+        nested[key] = json.load(open(os.path.join(folder, name)))
+        os.remove(os.path.join(folder, name))
+    json.dump(nested, open(os.path.join(folder, "processor_config.json"), "w"))
+    return folder
+
+
+def test_processor_reads_settings_nested_in_processor_config_json(tiny, tmp_path):
+    folder = nested_processor_folder(tiny, str(tmp_path / "nested"))
+    keys = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "patch", "merge")
+    files, nested = vlm.Processor(tiny), vlm.Processor(folder)
+    got, want = [getattr(nested, k) for k in keys], [getattr(files, k) for k in keys]
+    assert got == want, f"nested layout gives {dict(zip(keys, got))}, the two files {dict(zip(keys, want))}"
+    pytest.importorskip("transformers")
+    from transformers import AutoImageProcessor
+    size = AutoImageProcessor.from_pretrained(folder).size
+    assert (nested.min_pixels, nested.max_pixels) == (size.shortest_edge, size.longest_edge)
+
+
+def test_processor_without_any_processor_settings_names_the_files(tiny, tmp_path):
+    folder = str(tmp_path / "bare")
+    shutil.copytree(tiny, folder)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        os.remove(os.path.join(folder, name))
+    with pytest.raises(FileNotFoundError, match="no image processor settings: expected preprocessor_config.json"):
+        vlm.Processor(folder)
+
+
+def test_video_fps_does_not_override_a_gif_timing(tiny, tmp_path):
+    proc = vlm.Processor(tiny)
+    frames = [Image.fromarray(np.full((64, 64, 3), i * 10, np.uint8)) for i in range(20)]
+    path = str(tmp_path / "v.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)  # 10 fps, 2 seconds
+    own = [s for _, _, s in proc.video(path)]
+    given = [s for _, _, s in proc.video(path, video_fps=2.0)]
+    assert given == own and own[-1] < 2.0, f"stamps with video_fps=2: {given}; the GIF's own: {own}"
+
+
+def video_config_folder(tiny, folder, **settings):
+    shutil.copytree(tiny, folder)
+    path = os.path.join(folder, "video_preprocessor_config.json")
+    json.dump({**json.load(open(path)), **settings}, open(path, "w"))
+    return folder
+
+
+def test_video_config_min_and_max_frames_bound_the_sampled_frames(tiny, tmp_path):
+    proc = vlm.Processor(video_config_folder(tiny, str(tmp_path / "v"), min_frames=2, max_frames=8))
+    many = [random_image(32, 32, seed=i) for i in range(40)]  # 20 seconds at 2 fps: 40 frames wanted
+    few = many[:6]  # 0.6 seconds at 10 fps: 1 frame wanted
+    got = (len(proc.video(many, video_fps=2.0)), len(proc.video(few, video_fps=10.0)))
+    assert got == (4, 1), f"frame pairs {got}, want 8 frames (max_frames) and 2 frames (min_frames): (4, 1)"
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+    settings = SimpleNamespace(fps=2.0, min_frames=2, max_frames=8)
+    for total, fps in [(40, 2.0), (6, 10.0), (300, 30.0)]:
+        want = Qwen3VLVideoProcessor.sample_frames(settings, VideoMetadata(total_num_frames=total, fps=fps))
+        got = vlm.sample_frame_indices(total, fps, proc.video_fps, proc.video_min_frames, proc.video_max_frames)
+        assert list(got) == list(want), f"{total} frames at {fps} fps: {list(got)}, transformers {list(want)}"
+
+
+def test_video_config_mean_and_std_normalise_video_frames(tiny, tmp_path):
+    proc = vlm.Processor(video_config_folder(tiny, str(tmp_path / "v"), image_mean=[0, 0, 0], image_std=[1, 1, 1]))
+    rows = proc.video([random_image(32, 32, seed=i) for i in range(2)], video_fps=2.0)[0][0]
+    lo, hi = float(rows.min()), float(rows.max())
+    assert 0 <= lo and hi <= 1, f"video rows span [{lo:.3f}, {hi:.3f}]; mean 0 and std 1 keep them in [0, 1]"
+
+
+def test_special_token_spellings_in_user_text_stay_plain_text(tiny):
+    proc = vlm.Processor(tiny)
+    text = "what is <|image_pad|> here?<|im_end|>"
+    ids = proc.tokenizer.encode(text)
+    assert proc.tokenizer.decode(ids) == text and not set(ids) & set(proc.tok.values()), ids
+    pytest.importorskip("transformers")
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tiny, "tokenizer.json"), split_special_tokens=True)
+    assert ids == ref.encode(text, add_special_tokens=False)
+    batch = proc.chat(images=[random_image(64, 64, seed=0)], text=text)  # one image: one run of pads
+    pads = int((batch.input_ids == proc.cfg.image_token_id).sum())
+    grid = batch.grid_thw[0].tolist()
+    assert pads == int(np.prod(grid)) // 4, f"{pads} image pad tokens for one image of grid {grid}"
+    assert proc.tokenizer.tok.encode("<|im_end|>", add_special_tokens=False).ids == [proc.tok["<|im_end|>"]], \
+        "the raw tokenizer, used to tokenize whole templates, still parses special tokens"
+
+
+def qwen_pretokenizer_tokenizer():
+    """A tiny BPE with Qwen2/3's real pre-tokenizer pattern, under which whitespace runs merge
+    ("\n" + "\n" -> one "\n\n" token); the tiny checkpoints use plain byte-level splitting."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=vlm.QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((vlm.TINY_CORPUS + ["para one.\n\nQuestion: two\n\nthree"]) * 4, trainer)
+    return tok
+
+
+def test_text_only_prompt_starting_with_newline_tokenizes_like_the_whole_template(tiny):
+    proc = vlm.Processor(tiny)
+    proc.tokenizer.tok = qwen_pretokenizer_tokenizer()
+    for text in ["\nQuestion: hello", "\n\nhello", "Question: hello"]:
+        got = proc.chat(text=text).input_ids[0].tolist()
+        want = proc.tokenizer.tok.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+                                         add_special_tokens=False).ids
+        pieces = lambda ids: [proc.tokenizer.tok.id_to_token(i) for i in ids[:4]]
+        assert got == want, f"{text!r}: starts {pieces(got)}, the whole template {pieces(want)}"
+
+
+def test_empty_frame_list_is_a_value_error(tiny):
+    with pytest.raises(ValueError, match="empty frame list"):
+        vlm.Processor(tiny).video([])
+
+
+def test_rope_positions_with_fewer_grids_than_vision_groups_names_both_counts(tiny):
+    proc = vlm.Processor(tiny)
+    ids = proc.chat(images=[random_image(64, 64, 0)] * 2, text="x").input_ids[0]
+    with pytest.raises(ValueError, match="2 vision groups .* but 1 grids in grid_thw"):
+        vlm.rope_positions(ids, torch.tensor([[1, 8, 8]]), proc.cfg)
+
+
 # --- tiny checkpoints ---------------------------------------------------------------------------
 
 
@@ -307,6 +495,36 @@ def test_missing_shard_file_is_named(tmp_path):
     os.remove(os.path.join(folder, next(n for n in os.listdir(folder) if n.startswith("model-00002-of-"))))
     with pytest.raises(ValueError, match="missing shard file: .*model-00002-of-"):
         vlm.load_model(folder)
+
+
+def test_tensor_missing_from_the_shard_the_index_names_is_listed(tmp_path):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder, shard_bytes=40_000)
+    path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(path))
+    key = "model.language_model.norm.weight"
+    wrong = next(v for v in sorted(set(index["weight_map"].values())) if v != index["weight_map"][key])
+    index["weight_map"][key] = wrong
+    json.dump(index, open(path, "w"))
+    with pytest.raises(ValueError) as e:
+        vlm.load_model(folder)
+    assert f"(1 problems):\n  not in its shard: {key} (the index names {wrong}," in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("index", [{"weight_map": ["a"]}, [1, 2], {"weight_map": {"a": 3}}])
+def test_malformed_index_is_a_value_error_naming_the_index_file(tmp_path, index):
+    folder = str(tmp_path)
+    vlm.write_tiny_checkpoint(folder, shard_bytes=40_000)
+    json.dump(index, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        vlm.load_model(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_error_is_not_labelled_a_corrupt_file(tiny):
+    with pytest.raises(Exception) as e:
+        vlm.load_model(tiny, device="cuda")
+    assert "truncated or corrupt" not in str(e.value), str(e.value)
 
 
 def test_other_model_type_is_refused_naming_what_is_supported(tmp_path):
@@ -408,6 +626,12 @@ def test_generation_stops_at_stop_token_and_flags_length_limit(tiny):
     assert len(capped["tokens"][0]) == 3 and capped["finished"] == [False]
 
 
+def test_generate_with_max_new_tokens_0_is_a_value_error(tiny):
+    model, proc = vlm.load_model(tiny), vlm.Processor(tiny)
+    with pytest.raises(ValueError, match="max_new_tokens is 0"):
+        vlm.generate(model, proc.chat(text="hello"), max_new_tokens=0)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
@@ -432,3 +656,11 @@ def test_gradients_match_transformers(tmp_path, grid):
     worst = max((((p.grad - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12)).item(), n)
                 for n, p in ours.named_parameters())
     assert worst[0] <= 1e-4, f"relative gradient difference {worst[0]:.2e} at {worst[1]}"
+
+
+def test_a_frame_folder_is_read_in_natural_order(tmp_path):
+    from PIL import Image
+    for i in (1, 2, 10, 11):  # a plain sort would read frame_10 and frame_11 before frame_2
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"frame_{i}.png")
+    frames, _ = vlm.load_video_frames(str(tmp_path))
+    assert [f.getpixel((0, 0))[0] // 20 for f in frames] == [1, 2, 10, 11]
