@@ -491,7 +491,7 @@ def train(args):
         if args.eval_every and heldout and (step % args.eval_every == 0 or step == args.steps):
             result = evaluate(step)
         if args.save_every and step % args.save_every == 0 or step == stop:
-            mrrm.save_checkpoint(args.out, step, params, opt, {"settings": settings})
+            mrrm.save_checkpoint(args.out, step, params, opt, {"settings": settings, "total": args.steps})
     lora.save_lora(policy, os.path.join(args.out, "adapter.safetensors"),
                    {"base_model": os.path.abspath(args.model), "steps": step, "r": args.lora_r, "alpha": args.lora_alpha})
     if args.profile and timed:

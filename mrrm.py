@@ -258,7 +258,10 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone, self.processor = backbone, processor
         self.head = ValueHead(backbone.cfg.text.hidden_size, head_hidden)
-        self.sep_token, self.sep_id = sep_token, processor.tokenizer.token_id(sep_token)
+        try:
+            self.sep_token, self.sep_id = sep_token, processor.tokenizer.token_id(sep_token)
+        except KeyError:
+            raise ValueError(f"separator {sep_token!r} (--sep-token) is not a token of this tokenizer") from None
         self.max_len, self.max_responses = max_len, max_responses
 
     @property
@@ -368,34 +371,55 @@ _WS = re.compile(r"\s*")
 
 
 def read_records(path, errors=None):
-    """Yield (line_no, obj) for each record of a JSONL file or a file holding one JSON list.
+    """Yield (where, obj) for each record of a JSONL file, a file holding one JSON list, or the
+    authors' one JSON object of lists. `where` is the line number a record starts on (for a JSON
+    list whose elements share a line, 'line[index]'; for the object of lists, 'key[index]').
 
-    A malformed JSONL line raises ValueError('file:line: malformed JSON: ...'), or, when `errors`
-    is a list, is appended to it as that message and skipped. A malformed JSON list always raises:
-    after a syntax error there is no reliable place to resume.
+    A malformed or non-UTF-8 JSONL line raises ValueError('file:line: ...'), or, when `errors` is a
+    list, is appended to it as that message and skipped. A malformed JSON list or object always
+    raises: after a syntax error there is no reliable place to resume.
     """
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            yield from _read_json_list(path, f.read())
-            return
-        if head == "{" and path.endswith(".json"):  # the authors' {"ranking_data": [...], "pair_data": [...]}
-            yield from _read_json_dict(path, f.read())
-            return
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                msg = f"{path}:{line_no}: malformed JSON: {e.msg} at column {e.colno}"
-                if errors is None:
-                    raise ValueError(msg) from None
-                errors.append(msg)
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one)
+        data = data[3:]
+    head = data.lstrip()[:1]
+    if head == b"[":
+        yield from _read_json_list(path, _decode(path, data))
+        return
+    # a .json file holding one object is the authors' {"ranking_data": [...], ...}; else it is JSONL
+    if head == b"{" and path.endswith(".json") and _one_json_value(data.decode("utf-8", errors="replace")):
+        yield from _read_json_dict(path, _decode(path, data))
+        return
+    for line_no, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield line_no, json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            what = (f"malformed JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                    else f"not UTF-8 text ({e.reason} at byte {e.start + 1})")
+            if errors is None:
+                raise ValueError(f"{path}:{line_no}: {what}") from None
+            errors.append(f"{path}:{line_no}: {what}")
+
+
+def _decode(path, data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def _one_json_value(text):
+    """Whether text is one JSON value (else JSONL: an object per line, which a .json name does not rule out)."""
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError as e:
+        return e.msg != "Extra data"
 
 
 def _read_json_dict(path, text):
@@ -418,27 +442,37 @@ def _read_json_list(path, text):
     # (json.load would give us the objects but not where they came from).
     decoder = json.JSONDecoder()
     pos = _WS.match(text, 0).end() + 1  # past the '['
-    line, counted = 1, 0
+    line, counted, items = 1, 0, []
     pos = _WS.match(text, pos).end()
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
+    while pos >= len(text) or text[pos] != "]":
         line += text.count("\n", counted, pos)
         counted = pos
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-        yield line, obj
+        items.append((line, obj))
         pos = _WS.match(text, pos).end()
         if pos < len(text) and text[pos] == "]":
-            return
+            break
         if pos >= len(text) or text[pos] != ",":
             where = line + text.count("\n", counted, pos)
             found = repr(text[pos]) if pos < len(text) else "end of file"
             raise ValueError(f"{path}:{where}: malformed JSON: expected ',' or ']' after an element, found {found}")
         pos = _WS.match(text, pos + 1).end()
+    end = _WS.match(text, pos + 1).end()
+    if end < len(text):  # a second list, or anything, after the closing ']' would be silently dropped
+        where = line + text.count("\n", counted, end)
+        raise ValueError(f"{path}:{where}: malformed JSON: text after the list's closing ']' "
+                         f"(one JSON list per file, or one record per line)")
+    # a list written on one line (json.dump's default) puts every element on line 1: number them there,
+    # so each sample keeps a location of its own (errors, default ids and the prompt cache key on it)
+    shared = {ln for ln in (ln for ln, _ in items) if sum(1 for l, _ in items if l == ln) > 1}
+    for i, (ln, obj) in enumerate(items):
+        yield (f"{ln}[{i}]" if ln in shared else ln), obj
 
+
+OPTIONAL_FIELDS = ("image", "video", "category", "id", "pair", "fps", "sampling_interval")
 
 
 def is_int(v):
@@ -533,10 +567,11 @@ def set_rng_state(tensors, info):
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(out, step, named_params, optimizer, state, keep=0):
+def save_checkpoint(out, step, named_params, optimizer, state, keep=0, rng=None):
     """out/checkpoint-{step:06d}/ with the trainable tensors, the optimizer's state (tensors in
-    safetensors, hyperparameters in JSON), the RNG streams and `state` (a JSON dict: scheduler,
-    data position, settings). Keeps the newest `keep` checkpoints (0: all). Returns the folder."""
+    safetensors, hyperparameters in JSON), the RNG streams (`rng`, a rng_state() taken earlier, or
+    now) and `state` (a JSON dict: settings, total steps). Keeps the newest `keep` checkpoints
+    (0: all), never the one just written. Returns the folder."""
     from safetensors.torch import save_file
     final = os.path.join(out, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
@@ -546,7 +581,7 @@ def save_checkpoint(out, step, named_params, optimizer, state, keep=0):
     opt = optimizer.state_dict()
     save_file({f"{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()},
               os.path.join(tmp, "optimizer.safetensors"))
-    rng_tensors, rng_info = rng_state()
+    rng_tensors, rng_info = rng or rng_state()
     save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "param_groups": opt["param_groups"], "rng": rng_info, **state}, f, indent=2)
@@ -554,7 +589,7 @@ def save_checkpoint(out, step, named_params, optimizer, state, keep=0):
     os.replace(tmp, final)
     _write_json(os.path.join(out, "latest.json"), {"checkpoint": os.path.basename(final), "step": step})
     if keep:  # only once the new one is in place and pointed at
-        done = sorted(n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n))
+        done = sorted(n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n) and int(n[11:]) <= step)
         for name in done[:-keep]:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     return final
@@ -631,6 +666,8 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
     errors, samples, bad = [], [], 0
     for line, obj in read_records(path, errors):
         where = f"{path}:{line}"
+        if isinstance(obj, dict):  # null in an optional field means absent, as converters write unpublished ones
+            obj = {k: v for k, v in obj.items() if v is not None or k not in OPTIONAL_FIELDS}
         problems = validate_sample(obj, where)
         images, videos = [], []
         if not problems:
@@ -648,6 +685,8 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
             elif isinstance(vid, list):
                 videos = [[_resolve(p, base) for p in vid]]
                 problems += [f"{where}: video: frame {p}: file not found" for p in videos[0] if not os.path.isfile(p)]
+            if not problems:
+                problems += media_problems(images, videos, where)
         if problems:
             errors += problems
             bad += 1
@@ -656,26 +695,52 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
                               obj["rankings"], images, videos, obj.get("category", ""), where, obj.get("pair"),
                               frame_rate(obj) if videos and (isinstance(videos[0], list) or os.path.isdir(videos[0])) else None))
     bad += sum(1 for e in errors if ": malformed JSON:" in e)
+    shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
     if errors and not skip_bad:
-        shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise ValueError(f"{path}: {bad} bad record(s); fix them or pass --skip-bad to skip them:\n  {shown}")
     if errors:
-        print(f"{path}: skipped {bad} bad record(s) (--skip-bad); first: {errors[0]}", file=sys.stderr)
+        print(f"{path}: skipped {bad} bad record(s) (--skip-bad):\n  {shown}", file=sys.stderr)
     if not samples:
         raise ValueError(f"{path}: no usable samples")
     return samples
 
 
-def open_images(sample):
+def media_problems(images, videos, where):
+    """What stops an image or video of a sample from being read, found before training starts (a bad
+    file met at step 5,000 would stop the run there): each image file's header must open, a frame
+    folder must hold frames, a video file other than a GIF needs PyAV."""
     from PIL import Image
-    out = []
-    for p in sample.images:
+    frames = [p for v in videos if isinstance(v, list) for p in v]
+    problems = []
+    for p in images + frames:
         try:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
+            with Image.open(p):
+                pass
         except OSError as e:
-            raise ValueError(f"{sample.where}: image: {p}: cannot be read as an image ({e})") from None
-    return out
+            problems.append(f"{where}: {'image' if p in images else 'video: frame'}: {p}: cannot be read as an image ({e})")
+    for v in videos:
+        if isinstance(v, list):
+            continue
+        if os.path.isdir(v):
+            if not any(n.lower().endswith(vlm.FRAME_EXTENSIONS) for n in os.listdir(v)):
+                problems.append(f"{where}: video: {v}: folder holds no {'/'.join(vlm.FRAME_EXTENSIONS)} frames")
+        elif not v.lower().endswith(".gif") and importlib.util.find_spec("av") is None:
+            problems.append(f"{where}: video: {v}: decoding a video file needs PyAV (pip install av); "
+                            "or give a folder of frames, a list of frame paths, or a GIF")
+    return problems
+
+
+def read_image(path, where):
+    """An image file as upright RGB (vlm.open_image); a file that is not one is a ValueError naming
+    `where` (a sample or a flag)."""
+    try:
+        return vlm.open_image(path)
+    except OSError as e:
+        raise ValueError(f"{where}: {path}: cannot be read as an image ({e})") from None
+
+
+def open_images(sample):
+    return [read_image(p, f"{sample.where}: image") for p in sample.images]
 
 
 class PromptCache:
@@ -709,7 +774,8 @@ def sample_metrics(scores, ranks):
     """One sample's metrics. Rank 1 = best, ties allowed. Equal scores never count as a win."""
     n = len(scores)
     top = max(scores)
-    best = all(r == min(ranks) for s, r in zip(scores, ranks) if s == top)  # ties for best are all correct
+    # ties for best are all correct; a NaN or infinite score is never right (max() would skip past a NaN)
+    best = all(math.isfinite(s) for s in scores) and all(r == min(ranks) for s, r in zip(scores, ranks) if s == top)
     right = pairs = conc = disc = tie_s = tie_r = 0
     for i in range(n):
         for j in range(i + 1, n):
@@ -746,17 +812,35 @@ def summarize(rows):
 PROTOCOLS = ("default", "vlrewardbench", "mmrewardbench", "mmrlhf", "mr2bench")
 
 
+def mean_by(rows, key):
+    """Mean `best` of the rows in each group key(row), groups sorted by name."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r["best"])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def vlrewardbench_domain(sample_id):
+    """VL-RewardBench's domain of a sample, read from its id's source prefix (the text before the first
+    '_' or '-') as the benchmark's own scoring script does: RLAIF-V, RLHF-V and POVID ('hallucination_')
+    are hallucination, MathVerse and MMMU-Pro reasoning, WildVision and VLFeedback general."""
+    prefix = re.split(r"[_-]", str(sample_id), maxsplit=1)[0]
+    if prefix in ("RLAIF", "RLHF", "hallucination"):
+        return "hallucination"
+    return "reasoning" if prefix in ("mathverse", "mmmu") else "general"
+
+
 def protocol_report(name, rows):
     """Each benchmark the way its authors report it. Pairwise benchmarks are N = 2 samples, so a
     sample's `best` is its accuracy (equal scores count as wrong, as MM-RLHF asks)."""
     if name == "default":
         return summarize(rows)
     if name in ("vlrewardbench", "mmrewardbench"):
-        cats = sorted({r["category"] for r in rows})
-        per = {c: sum(r["best"] for r in rows if r["category"] == c) / sum(r["category"] == c for r in rows) for c in cats}
-        out = {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows), "per_category": per}
-        if name == "vlrewardbench":
-            out["macro_average"] = sum(per.values()) / len(per)
+        out = {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows),
+               "per_category": mean_by(rows, lambda r: r["category"])}
+        if name == "vlrewardbench":  # the macro average is over its 3 domains, not its 6 sources
+            out["per_domain"] = mean_by(rows, lambda r: vlrewardbench_domain(r["id"]))
+            out["macro_average"] = sum(out["per_domain"].values()) / len(out["per_domain"])
         return out
     if name == "mmrlhf":
         by_id = {}
@@ -895,8 +979,7 @@ def start_or_resume(out, resume, named_params, optimizer, settings):
     logged after that checkpoint, and returns its step. Used by mrrm.py train and grpo.py."""
     path = os.path.join(out, "metrics.jsonl")
     if not resume:
-        if os.path.isfile(path):
-            os.remove(path)
+        clear_finished_run(out)
         return 0
     folder = latest_checkpoint(out)
     if folder is None:
@@ -908,11 +991,44 @@ def start_or_resume(out, resume, named_params, optimizer, settings):
         raise ValueError(f"--resume: settings differ from the checkpoint's (saved, now): {changed}")
     if os.path.isfile(path):
         with open(path) as f:
-            keep = [l for l in f if json.loads(l).get("step", 0) <= state["step"]]
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when the run was killed mid-write
+                print(f"{path}: dropped an unreadable line: {line.strip()[:60]}", file=sys.stderr)
+                continue
+            if record.get("step", 0) <= state["step"]:
+                keep.append(line if line.endswith("\n") else line + "\n")
         with open(path, "w") as f:
             f.writelines(keep)
     print(f"resumed from {folder} at step {state['step']}")
     return state["step"]
+
+
+def clear_finished_run(out):
+    """A fresh run in `out` starts clean: the earlier run's metrics, checkpoints and `latest` pointer go
+    (a stale pointer would make a later --resume continue the earlier run). An earlier run that stopped
+    before its last step is kept, and the fresh run refused: it was most likely meant to be resumed."""
+    pointer = os.path.join(out, "latest.json")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            latest = json.load(f)
+        state_path = os.path.join(out, latest.get("checkpoint", ""), "state.json")
+        if os.path.isfile(state_path):
+            with open(state_path) as f:
+                saved = json.load(f)
+            if saved.get("total") and saved["step"] < saved["total"]:
+                raise ValueError(f"{out} holds an unfinished run (checkpoint at step {saved['step']} of "
+                                 f"{saved['total']}): --resume continues it; to start over, delete it or "
+                                 "choose another --out")
+    for name in os.listdir(out):
+        if re.fullmatch(r"checkpoint-\d+(\.tmp)?", name):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    for name in ("latest.json", "metrics.jsonl"):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def export(rm, out, model_folder, settings):
@@ -974,56 +1090,67 @@ def train(args):
     stop = min(total, args.stop_at or total)
     t0, tokens, window = time.time(), 0, []
     steps_timed, time_timed = 0, 0.0  # optimizer steps only, not evaluation or checkpoints
-    while step < stop:
-        t_step = time.time()
-        lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio, args.cooldown)
-        for g in opt.param_groups:
-            g["lr"] = lr_now
-        # a mask curriculum: the first --independent-warmup of the steps see each response alone
-        mode = "independent" if step < args.independent_warmup * total else args.mode
-        for micro in range(accum):
-            first = step * args.batch_size + micro * args.micro_batch
-            packs, ranks, ids = [], [], []
-            for use in range(first, first + args.micro_batch):
-                i, gen = sample_order(len(samples), use, args.seed)
-                s = samples[i]
-                order = torch.randperm(len(s.responses), generator=gen).tolist()
-                p, r = encode_sample(rm, s, order, mode, cache)
-                packs.append(p), ranks.append(r), ids.append(s.id)
-            batch = collate(packs, mode, row_tokens=args.row_tokens)
-            rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
-            with autocast:
-                scores = rm(batch)
-            loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping. "
-                                   f"Last checkpoint: {latest_checkpoint(args.out)}")
-            (loss / accum).backward()
-            window.append(m)
-            tokens += sum(len(p.input_ids) for p in packs)
-        norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip) if args.clip else torch.tensor(0.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
-        if step % args.log_every == 0 or step == stop:
-            elapsed = time.time() - t0
-            loss_avg = sum(m["loss"] for m in window) / len(window)
-            acc_avg = sum(m["acc"] for m in window) / len(window)
-            eta = time_timed / steps_timed * (stop - step)
-            print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
-                  f"tok/s {tokens / time_timed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
-            log_metrics(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
-                            "tokens_per_s": tokens / time_timed, "time": elapsed})
-            window = []
-        if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
-            rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens)
-            res = summarize(rows)
-            print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
-                  f"tau {res['kendall_tau']:.3f}", flush=True)
-            log_metrics(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
-        if args.save_every and step % args.save_every == 0 or step == stop:
-            save_checkpoint(args.out, step, params, opt, {"settings": settings}, args.keep_checkpoints)
+    # anything that stops the run (a bad sample, out of memory, Ctrl-C) first saves the last finished
+    # step with the random streams as they were right after it, so --resume continues exactly there
+    state, saved, updating, rng = {"settings": settings, "total": total}, step, False, rng_state()
+    try:
+        while step < stop:
+            t_step = time.time()
+            lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio, args.cooldown)
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            # a mask curriculum: the first --independent-warmup of the steps see each response alone
+            mode = "independent" if step < args.independent_warmup * total else args.mode
+            for micro in range(accum):
+                first = step * args.batch_size + micro * args.micro_batch
+                packs, ranks, ids = [], [], []
+                for use in range(first, first + args.micro_batch):
+                    i, gen = sample_order(len(samples), use, args.seed)
+                    s = samples[i]
+                    order = torch.randperm(len(s.responses), generator=gen).tolist()
+                    p, r = encode_sample(rm, s, order, mode, cache)
+                    packs.append(p), ranks.append(r), ids.append(s.id)
+                batch = collate(packs, mode, row_tokens=args.row_tokens)
+                rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
+                with autocast:
+                    scores = rm(batch)
+                loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping")
+                (loss / accum).backward()
+                window.append(m)
+                tokens += sum(len(p.input_ids) for p in packs)
+            updating = True  # from here to the step's end the parameters are half-way: no checkpoint of them
+            norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip) if args.clip else torch.tensor(0.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            updating, rng = False, rng_state()
+            steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
+            if step % args.log_every == 0 or step == stop:
+                elapsed = time.time() - t0
+                loss_avg = sum(m["loss"] for m in window) / len(window)
+                acc_avg = sum(m["acc"] for m in window) / len(window)
+                eta = time_timed / steps_timed * (stop - step)
+                print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
+                      f"tok/s {tokens / time_timed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
+                log_metrics(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
+                                "tokens_per_s": tokens / time_timed, "time": elapsed})
+                window = []
+            if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
+                rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens)
+                res = summarize(rows)
+                print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
+                      f"tau {res['kendall_tau']:.3f}", flush=True)
+                log_metrics(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
+            if args.save_every and step % args.save_every == 0 or step == stop:
+                saved = step  # first: a save that is itself interrupted is not tried again below
+                save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints)
+    except BaseException:
+        if step > saved and not updating:
+            folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
+            print(f"stopped during step {step + 1}; saved {folder}: --resume continues from there", file=sys.stderr)
+        raise
 
     extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
                       "use_rslora": args.rslora}, "base_model": os.path.abspath(args.model), "mode": args.mode,
@@ -1110,14 +1237,13 @@ def _print_report(report, indent=""):
 
 
 def score_cmd(args):
-    from PIL import Image
     device = pick_device(args.device)
     rm = load_trained(args, device)[0]
     images = []
     for p in args.image:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"--image {p}: file not found")
-        images.append(Image.open(p).convert("RGB"))
+        images.append(read_image(p, "--image"))
     scores = rm.score(images=images, prompt=args.prompt, responses=args.responses, mode=args.mode,
                       videos=args.video)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -1680,6 +1806,14 @@ def _targets(text):
     return {"lm": list(lora.DEFAULT_TARGETS), "lm+vision": list(lora.DEFAULT_TARGETS + lora.VISION_TARGETS)}.get(text, [text])
 
 
+def positive_int(text):
+    """argparse type for counts that must be at least 1 (0 would fail later, mid-run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
 def parser():
     ap = argparse.ArgumentParser(description="mrrm: multi-response reward models on Qwen3-VL (YOJO)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1697,16 +1831,16 @@ def parser():
                         "for the shape-world demo (previous recipe: joint best-of-4 0.80 -> 0.88); 0: the paper's")
     t.add_argument("--loss", choices=sorted(LOSSES), default="ce+pl",
                    help="ce: the best response; pl: the whole ranking; ce+pl: both (ce + 0.5 pl)")
-    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-r", type=positive_int, default=16)
     t.add_argument("--lora-alpha", type=float, default=32)
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--lora-targets", type=_targets, default=_targets("lm"),
                    help="'lm' (language-model projections), 'lm+vision', or one regex on module names")
     t.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    t.add_argument("--head-hidden", type=int, default=1024)
+    t.add_argument("--head-hidden", type=positive_int, default=1024)
     t.add_argument("--sep-token", default="<|im_end|>")
-    t.add_argument("--max-responses", type=int, default=16)
-    t.add_argument("--max-len", type=int, default=4096)
+    t.add_argument("--max-responses", type=positive_int, default=16)
+    t.add_argument("--max-len", type=positive_int, default=4096)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--min-lr-ratio", type=float, default=0.0)
     t.add_argument("--warmup", type=float, default=0.05, help="steps, or a fraction of all steps when < 1")
@@ -1715,8 +1849,8 @@ def parser():
     t.add_argument("--cooldown", type=float, default=0.25, metavar="F",
                    help="the fraction of steps --decay wsd decays over")
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--batch-size", type=int, default=16, help="effective batch (samples per optimizer step)")
-    t.add_argument("--micro-batch", type=int, default=16, help="samples per forward; the rest is gradient accumulation")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="effective batch (samples per optimizer step)")
+    t.add_argument("--micro-batch", type=positive_int, default=16, help="samples per forward; the rest is gradient accumulation")
     t.add_argument("--row-tokens", type=int, default=256, help="short samples share a row of up to this many tokens "
                    "(block-diagonal mask; the same scores, less padding; 0: one sample per row)")
     t.add_argument("--steps", type=int, default=2400, help="optimizer steps (shape-world: 3.8 passes over its 10,000 samples)")
@@ -1729,10 +1863,10 @@ def parser():
                    "step; the first steps pay for compiling)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
-    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--log-every", type=positive_int, default=50)
     t.add_argument("--eval-every", type=int, default=1000, help="evaluate on --heldout every K steps (0: only at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
-    t.add_argument("--eval-batch", type=int, default=16)
+    t.add_argument("--eval-batch", type=positive_int, default=16)
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     t.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints (0: all)")
     t.add_argument("--resume", action="store_true", help="continue exactly from --out's latest checkpoint")
@@ -1747,11 +1881,11 @@ def parser():
     e.add_argument("--image-root", default=None)
     e.add_argument("--skip-bad", action="store_true")
     e.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
-    e.add_argument("--orders", type=int, default=1, help="average each score over K cyclic shifts of the responses")
+    e.add_argument("--orders", type=positive_int, default=1, help="average each score over K cyclic shifts of the responses")
     e.add_argument("--protocol", choices=PROTOCOLS, default="default")
     e.add_argument("--predictions", default=None,
                    help="default: predictions.jsonl in the --adapter folder (in a merged --model's with --adapter ''); '' for none")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--row-tokens", type=int, default=256, help="as in train")
     e.add_argument("--device", default="auto")
 

@@ -145,9 +145,20 @@ def test_protocols_follow_each_benchmarks_rule():
     rows = [{"best": b, "category": c, "id": i} for b, c, i in
             [(1.0, "a", "x"), (0.0, "a", "x"), (1.0, "b", "y"), (1.0, "b", "z")]]
     vl = mrrm.protocol_report("vlrewardbench", rows)
-    assert vl["overall_accuracy"] == 0.75 and vl["macro_average"] == 0.75 and vl["per_category"] == {"a": 0.5, "b": 1.0}
+    assert vl["overall_accuracy"] == 0.75 and vl["per_category"] == {"a": 0.5, "b": 1.0}
     mm = mrrm.protocol_report("mmrlhf", rows)
     assert mm["accuracy"] == 0.75 and mm["acc_plus"] == pytest.approx(2 / 3)  # id x has a wrong pair
+
+
+def test_vlrewardbench_macro_average_is_over_its_three_domains_not_its_sources():
+    # ids as the benchmark publishes them: the source is the prefix, and six sources make three domains
+    ids = ["RLAIF-V_1", "RLHF-V-2", "hallucination_pair_3", "mathverse_4", "mmmu_pro_5", "wildvision-battle_6",
+           "vlfeedback_7"]
+    best = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    rows = [{"best": b, "category": i.split("_")[0], "id": i} for b, i in zip(best, ids)]
+    vl = mrrm.protocol_report("vlrewardbench", rows)
+    assert vl["per_domain"] == {"general": 0.5, "hallucination": 1.0, "reasoning": 0.0}, vl["per_domain"]
+    assert vl["macro_average"] == pytest.approx(0.5), vl  # the mean over the 7 source groups would be 4 / 7
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -383,3 +394,123 @@ def test_the_cli_flushes_denormal_floats():
     tiny = torch.tensor([1e-39])
     assert (tiny * 1.0).item() != 0.0  # a denormal survives by default
     assert mrrm.run_cli(lambda a: (tiny * 1.0).item(), None) == 0.0
+
+
+# --- bad input found before training, and a stopped run that loses nothing ----------------------
+
+
+def test_samples_of_a_one_line_json_list_keep_their_own_location_and_prompt(world, tmp_path):
+    # json.dump writes a list on one line: every element starts on line 1, but each sample must still
+    # be told apart (errors, default ids and the prompt cache key on the location)
+    recs = [{"prompt": f"question {i}", "responses": ["a", "b"], "rankings": [1, 2]} for i in range(3)]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(recs))
+    samples = mrrm.load_samples(str(path))
+    assert [s.where for s in samples] == [f"{path}:1[{i}]" for i in range(3)], [s.where for s in samples]
+    assert len({s.id for s in samples}) == 3
+    rm = mrrm.RewardModel.load(str(world / "m"))
+    cache = mrrm.PromptCache(rm, 2**20)
+    decoded = [rm.processor.tokenizer.decode(cache(s)[0].tolist()) for s in samples]
+    assert all(f"question {i}" in d for i, d in enumerate(decoded)), decoded
+
+
+def test_text_after_a_json_lists_end_is_an_error_not_dropped_records(tmp_path):
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([rec]) + "\n" + json.dumps([rec, rec]))
+    with pytest.raises(ValueError, match=r"d\.json:2: malformed JSON: text after the list's closing"):
+        mrrm.load_samples(str(path))
+
+
+def test_a_byte_order_mark_is_read_and_a_non_utf8_line_is_a_bad_record(tmp_path):
+    rec = json.dumps({"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2]}).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + rec + b"\n" + b'{"prompt": "caf\xe9"}\n' + rec + b"\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 text"):
+        mrrm.load_samples(str(path))
+    assert [s.where for s in mrrm.load_samples(str(path), skip_bad=True)] == [f"{path}:1", f"{path}:3"]
+
+
+def test_jsonl_in_a_file_named_json_and_null_optional_fields_load(tmp_path):
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2], "image": None, "category": None, "id": None}
+    path = write_jsonl(tmp_path / "d.json", [rec, rec])
+    samples = mrrm.load_samples(path)
+    assert [(s.images, s.category) for s in samples] == [([], ""), ([], "")]
+
+
+def test_an_unreadable_image_or_an_empty_frame_folder_is_a_bad_record_before_training(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "clip").mkdir()
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "image": "ok.png"}, {**rec, "image": "broken.png"},
+                                              {**rec, "video": "clip"}, {**rec, "video": ["ok.png", "broken.png"]}])
+    with pytest.raises(ValueError) as e:
+        mrrm.load_samples(path)
+    msg = str(e.value)
+    assert "3 bad record(s)" in msg and ":2: image:" in msg and "broken.png: cannot be read as an image" in msg, msg
+    assert ":3: video:" in msg and "holds no" in msg and ":4: video: frame:" in msg, msg
+    assert [s.where for s in mrrm.load_samples(path, skip_bad=True)] == [f"{path}:1"]
+
+
+def test_a_nan_score_never_counts_as_the_best():
+    assert mrrm.sample_metrics([float("nan"), 0.2, 0.1], [2, 1, 3])["best"] == 0.0
+    assert mrrm.sample_metrics([0.3, float("nan"), 0.1], [1, 2, 3])["best"] == 0.0
+
+
+def test_a_fresh_run_replaces_a_finished_run_and_refuses_to_overwrite_an_unfinished_one(world, tmp_path, capsys):
+    common = ["--heldout", "", "--export", "off"]
+    mrrm.main(args_for(world, tmp_path / "o", "--steps", "4", *common))
+    mrrm.main(args_for(world, tmp_path / "o", "--steps", "2", *common))  # finished before: starts over
+    names = sorted(n for n in os.listdir(tmp_path / "o") if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-000002"], names  # the earlier run's checkpoint-000004 would outrank it
+    assert mrrm.latest_checkpoint(str(tmp_path / "o")).endswith("checkpoint-000002")
+    mrrm.main(args_for(world, tmp_path / "o", "--steps", "4", "--stop-at", "1", *common))
+    with pytest.raises(SystemExit):
+        mrrm.main(args_for(world, tmp_path / "o", "--steps", "4", *common))
+    assert "unfinished run (checkpoint at step 1 of 4): --resume continues it" in capsys.readouterr().err
+    assert mrrm.latest_checkpoint(str(tmp_path / "o")).endswith("checkpoint-000001")
+
+
+def test_a_run_stopped_by_an_error_saves_its_last_step_and_resumes_exactly(world, tmp_path, monkeypatch):
+    common = ["--steps", "5", "--lora-dropout", "0.1", "--heldout", "", "--export", "off"]
+    mrrm.main(args_for(world, tmp_path / "full", *common))
+    real, calls = mrrm.collate, []
+
+    def failing(*a, **k):  # 2 micro-batches per step: the 7th call is step 4's first
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("stopped in step 4")
+        return real(*a, **k)
+    monkeypatch.setattr(mrrm, "collate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        mrrm.main(args_for(world, tmp_path / "split", *common))
+    monkeypatch.setattr(mrrm, "collate", real)
+    assert json.loads((tmp_path / "split" / "latest.json").read_text())["step"] == 3
+    mrrm.main(args_for(world, tmp_path / "split", *common, "--resume"))
+    a, b = trainable(tmp_path / "full"), trainable(tmp_path / "split")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_the_kill(world, tmp_path, capsys):
+    common = ["--steps", "3", "--heldout", "", "--export", "off"]
+    mrrm.main(args_for(world, tmp_path / "m", *common, "--stop-at", "2"))
+    with open(tmp_path / "m" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')
+    mrrm.main(args_for(world, tmp_path / "m", *common, "--resume"))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
+    assert "dropped an unreadable line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, said", [(["--log-every", "0"], "--log-every: expected an integer of at least 1"),
+                                         (["--micro-batch", "0"], "--micro-batch: expected an integer of at least 1"),
+                                         (["--sep-token", "<nope>"], "'<nope>' (--sep-token) is not a token")])
+def test_bad_flags_end_with_one_readable_line(world, tmp_path, capsys, flags, said):
+    with pytest.raises(SystemExit):
+        mrrm.main(args_for(world, tmp_path / "f", "--steps", "1", "--heldout", "", *flags))
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
