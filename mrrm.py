@@ -223,15 +223,19 @@ def listwise_ce_loss(scores, ranks, valid):
 
 def plackett_luce_loss(scores, ranks, valid):
     """Negative log-likelihood of the full ranking under Plackett-Luce: pick the best of the rest,
-    again and again. Ties are ordered by position (any consistent order is a valid ranking)."""
+    again and again. Tied responses are picked together, each against everything not ranked above
+    the tie (Breslow's rule for ties in survival models): the loss does not depend on the order ties
+    are listed in, and for an all-tied sample it is smallest when the scores are equal."""
     B, N = scores.shape
-    key = ranks.masked_fill(~valid, 10**9) * (N + 1) + torch.arange(N, device=ranks.device)
-    order = key.argsort(-1)
+    r = ranks.masked_fill(~valid, 10**9)
+    order = torch.argsort(r, dim=-1, stable=True)
     s = scores.gather(-1, order).masked_fill(~valid.gather(-1, order), float("-inf"))  # best first
     # log sum_{j >= k} exp(s_j): a reversed cumulative logsumexp
     tail = s.flip(-1).logcumsumexp(-1).flip(-1)
+    r_sorted = r.gather(-1, order).contiguous()
+    first = torch.searchsorted(r_sorted, r_sorted)  # (B, N): where each response's tie group starts
     ok = valid.gather(-1, order)
-    nll = (tail - s).masked_fill(~ok, 0).sum(-1).mean()
+    nll = (tail.gather(-1, first) - s).masked_fill(~ok, 0).sum(-1).mean()
     pick = scores.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
     acc = (best_target(ranks, valid).gather(-1, pick) > 0).float().mean()
     return nll, {"loss": nll.item(), "acc": acc.item()}

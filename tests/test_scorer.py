@@ -1,5 +1,6 @@
 """The multi-response scorer: packing, the two attention modes, the value head, the losses."""
 
+import math
 import random
 import warnings
 
@@ -228,17 +229,28 @@ def test_ties_for_best_give_a_uniform_soft_target():
     assert m["acc"] == 1.0  # the top score (index 1) is tied for best: correct
 
 
-def test_plackett_luce_matches_hand_computed_likelihood_with_ties_in_index_order():
+def test_plackett_luce_matches_hand_computed_likelihood_with_tied_responses_picked_together():
     s = torch.tensor([[0.3, -0.2, 1.1, 0.0]])
-    ranks = torch.tensor([[2, 1, 2, 3]])  # order: 1, then 0 and 2 tied (index order), then 3
+    ranks = torch.tensor([[2, 1, 2, 3]])  # 1 first; then 0 and 2 tied, each against {0, 2, 3}; then 3
     valid = torch.ones(1, 4, dtype=torch.bool)
     x = s[0]
-    want = 0.0
-    for k, i in enumerate([1, 0, 2, 3]):
-        rest = [1, 0, 2, 3][k:]
-        want += torch.logsumexp(x[rest], 0).item() - x[i].item()
+    lse = lambda idx: torch.logsumexp(x[idx], 0).item()
+    want = (lse([1, 0, 2, 3]) - x[1].item()) + (lse([0, 2, 3]) - x[0].item()) + (lse([0, 2, 3]) - x[2].item()) \
+        + (lse([3]) - x[3].item())
     loss, _ = mrrm.plackett_luce_loss(s, ranks, valid)
     assert abs(loss.item() - want) < 1e-5, (loss.item(), want)
+
+
+def test_plackett_luce_ignores_the_order_ties_are_listed_in_and_wants_equal_scores_for_a_full_tie():
+    s = torch.tensor([[0.3, -0.2, 1.1, 0.0]], requires_grad=True)
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    a, _ = mrrm.plackett_luce_loss(s, torch.tensor([[2, 1, 2, 3]]), valid)
+    b, _ = mrrm.plackett_luce_loss(s[:, [2, 1, 0, 3]], torch.tensor([[2, 1, 2, 3]]), valid)
+    assert abs(a.item() - b.item()) < 1e-6, (a.item(), b.item())
+    tied = torch.zeros(1, 4, requires_grad=True)
+    loss, _ = mrrm.plackett_luce_loss(tied, torch.ones(1, 4, dtype=torch.long), valid)
+    (g,) = torch.autograd.grad(loss, tied)
+    assert g.abs().max().item() < 1e-6 and abs(loss.item() - 4 * math.log(4)) < 1e-5, (g, loss.item())
 
 
 def test_ce_plus_pl_is_plackett_luce_with_the_best_pick_weighted_three_times():
