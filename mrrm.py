@@ -258,9 +258,10 @@ LOSSES = {"ce": listwise_ce_loss, "pl": plackett_luce_loss, "ce+pl": ce_pl_loss}
 
 class RewardModel(nn.Module):
     def __init__(self, backbone, processor, head_hidden=1024, sep_token="<|im_end|>", max_len=4096,
-                 max_responses=16):
+                 max_responses=16, mode="joint"):
         super().__init__()
         self.backbone, self.processor = backbone, processor
+        self.mode = mode  # the attention mode it was trained in: score() uses it unless told otherwise
         self.head = ValueHead(backbone.cfg.text.hidden_size, head_hidden)
         try:
             self.sep_token, self.sep_id = sep_token, processor.tokenizer.token_id(sep_token)
@@ -302,8 +303,9 @@ class RewardModel(nn.Module):
         return self.head(h_sep)
 
     @torch.no_grad()
-    def score(self, images=(), prompt="", responses=(), mode="joint", videos=()):
-        """Scores of N responses to one prompt, from one forward pass."""
+    def score(self, images=(), prompt="", responses=(), mode=None, videos=()):
+        """Scores of N responses to one prompt, from one forward pass; mode None: the trained one."""
+        mode = mode or self.mode
         p = self.encode(prompt, list(responses), images, videos, mode)
         return self(collate([p], mode))[0, :len(responses)].tolist()
 
@@ -311,13 +313,17 @@ class RewardModel(nn.Module):
 
     def settings(self):
         return {"sep_token": self.sep_token, "max_len": self.max_len, "max_responses": self.max_responses,
-                "head_hidden": self.head.fc1.out_features}
+                "head_hidden": self.head.fc1.out_features, "mode": self.mode}
 
     def save(self, folder, extra=None):
-        """adapter.safetensors + the head and settings (save_head) into `folder`."""
+        """adapter.safetensors + the head and settings (save_head) into `folder`; rm_config.json says how
+        to rebuild the adapter (`lora`), unless `extra` says it (train records its target patterns)."""
         os.makedirs(folder, exist_ok=True)
         lora.save_lora(self.backbone, os.path.join(folder, "adapter.safetensors"))
-        self.save_head(folder, extra)
+        hp = lora._hyperparameters(self.backbone)
+        names = [re.escape(n) for n, _ in lora.lora_layers(self.backbone)]  # exact names: fullmatch finds them again
+        self.save_head(folder, {"lora": {"r": hp["r"], "alpha": hp["alpha"], "use_rslora": hp["use_rslora"],
+                                         "targets": names}, **(extra or {})})
 
     def save_head(self, folder, extra=None):
         """head.safetensors and rm_config.json: with an adapter (save) or beside merged weights (export)."""
@@ -331,9 +337,16 @@ class RewardModel(nn.Module):
         """A backbone folder (Hub layout) plus the adapter folder `mrrm.py train` wrote, or one merged
         folder (`train --export`) that holds head.safetensors and rm_config.json itself."""
         from safetensors.torch import load_file
+        merged = os.path.isfile(os.path.join(model, "head.safetensors"))
+        if adapter is not None and merged:
+            raise ValueError(f"{model} is a merged reward model (it holds head.safetensors): its LoRA is already "
+                             f"in its weights, and adding {adapter} would apply it twice; load it without an "
+                             "adapter (--adapter ''), or give the adapter the backbone it was trained on")
+        if adapter is not None:
+            check_backbone(adapter, model)
         backbone = vlm.load_model(model, dtype=dtype, device=device)
         proc = vlm.Processor(model, backbone.cfg)
-        if adapter is None and os.path.isfile(os.path.join(model, "head.safetensors")):
+        if adapter is None and merged:
             head_dir, saved = model, _read_rm_config(model)
         elif adapter is not None:
             head_dir, saved = adapter, _read_rm_config(adapter)
@@ -346,7 +359,7 @@ class RewardModel(nn.Module):
             lora.load_lora(backbone, os.path.join(adapter, "adapter.safetensors"))
         else:
             head_dir, saved = None, {}  # a bare backbone: random head, for tests and benchmarks
-        keep = {k: saved[k] for k in ("sep_token", "max_len", "max_responses", "head_hidden") if k in saved}
+        keep = {k: saved[k] for k in ("sep_token", "max_len", "max_responses", "head_hidden", "mode") if k in saved}
         rm = cls(backbone, proc, **{**keep, **settings})
         if head_dir is not None:
             path = os.path.join(head_dir, "head.safetensors")
@@ -358,6 +371,29 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path}: does not fit a value head of hidden size "
                                  f"{rm.head.fc1.out_features} on a {backbone.cfg.text.hidden_size}-wide backbone: {e}") from None
         return rm.to(device).eval()
+
+
+def backbone_fingerprint(folder):
+    """A short hash of a checkpoint's weights: each safetensors file's header and first MiB of tensor
+    data. A LoRA fits any backbone of the same shapes, so a path alone cannot tell that the files there
+    were replaced by other weights; reading a few MiB can, without hashing gigabytes."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(set(vlm.read_checkpoint_index(folder).values())):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")  # safetensors: 8-byte header length, JSON header, data
+            h.update(f.read(n))
+            h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def check_backbone(adapter, model):
+    """Refuse an adapter on a backbone whose weights differ from those it was trained on (when it recorded them)."""
+    want = _read_rm_config(adapter).get("base_fingerprint")
+    if want and backbone_fingerprint(model) != want:
+        raise ValueError(f"{adapter} was trained on other weights than {model} holds (fingerprint {want}, found "
+                         f"{backbone_fingerprint(model)}): a LoRA and head on the wrong backbone give scores "
+                         "without meaning; give --model the backbone it was trained on")
 
 
 def _read_rm_config(folder):
@@ -963,7 +999,7 @@ def build_rm(args, device):
     backbone = vlm.load_model(args.model, dtype=precision(device)[0], device=device)
     proc = vlm.Processor(args.model, backbone.cfg)
     torch.manual_seed(args.seed)  # LoRA A and the head start the same every time
-    rm = RewardModel(backbone, proc, args.head_hidden, args.sep_token, args.max_len, args.max_responses)
+    rm = RewardModel(backbone, proc, args.head_hidden, args.sep_token, args.max_len, args.max_responses, args.mode)
     lora.inject_lora(backbone, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=args.lora_targets, use_rslora=args.rslora)
     backbone.grad_checkpointing = args.grad_checkpointing if args.grad_checkpointing is not None else device.startswith("cuda")
@@ -1158,7 +1194,7 @@ def train(args):
 
     extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
                       "use_rslora": args.rslora}, "base_model": os.path.abspath(args.model), "mode": args.mode,
-             "steps": step}
+             "base_fingerprint": backbone_fingerprint(args.model), "steps": step}
     rm.save(args.out, extra)
     result = None
     if heldout:
@@ -1186,10 +1222,14 @@ def load_trained(args, device):
     base_model) or on --model; or a merged export as --model with --adapter ''.
     Returns (reward model, the adapter folder used or None, the backbone folder)."""
     adapter, model = args.adapter or None, args.model
+    merged = bool(model) and os.path.isfile(os.path.join(model, "head.safetensors"))
+    if adapter == DEFAULT_OUT and merged:
+        adapter = None  # --model is a merged export and --adapter was left at its default: use it as is
+    if adapter is None and model and not merged:
+        raise FileNotFoundError(f"{model}: no head.safetensors, so not a trained reward model (a bare backbone "
+                                "would score with a random value head); give --adapter the folder train wrote")
     if adapter and not os.path.isfile(os.path.join(adapter, "rm_config.json")):
-        if adapter == DEFAULT_OUT and model and os.path.isfile(os.path.join(model, "head.safetensors")):
-            adapter = None  # no default run, but --model is a merged export: use it as is
-        elif adapter == DEFAULT_OUT:
+        if adapter == DEFAULT_OUT:
             raise FileNotFoundError(f"{adapter}: no trained reward model here; run `python mrrm.py train` first")
         else:
             raise FileNotFoundError(f"{adapter}/rm_config.json: not found; --adapter must be a folder written by "
@@ -1209,8 +1249,7 @@ def evaluate_cmd(args):
     ensure_shapeworld(args.data)
     rm, adapter, model = load_trained(args, device)
     samples = load_samples(args.data, args.image_root, args.skip_bad, rm.max_responses)
-    saved = _read_rm_config(adapter) if adapter else {}
-    mode = args.mode or saved.get("mode", "joint")
+    mode = args.mode or rm.mode
     autocast = precision(device)[1]
     t0 = time.time()
     rows, scores = evaluate(rm, samples, mode, args.orders, args.batch_size, autocast=autocast, row_tokens=args.row_tokens)
@@ -1550,7 +1589,7 @@ def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak):
         u, k = attention_pairs(b.mask if masked else None, lengths, impl)
         tokens, useful, kernel = tokens + sum(lengths), useful + u, kernel + k
         per_call = b.input_ids.shape[0] if grids else 0  # every row of a batch carries the image
-        vis_pairs += (per_call * n_img) ** 2 if per_call > 1 else per_call * n_img ** 2
+        vis_pairs += per_call * n_img ** 2  # vision attention runs per image (vlm.attention_groups)
     flops_u = forward_flops(cfg, tokens, useful, grids * images, scored=sum(b.sep_index.numel() for b in batches))
     flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs,
                             scored=sum(b.sep_index.numel() for b in batches))
@@ -1900,7 +1939,7 @@ def parser():
     s.add_argument("--video", nargs="*", default=[], help="a video file, a folder of frames or a GIF")
     s.add_argument("--prompt", required=True)
     s.add_argument("--responses", nargs="+", required=True)
-    s.add_argument("--mode", choices=MODES, default="joint")
+    s.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
     s.add_argument("--device", default="auto")
     add_bench_args(sub)
     return ap

@@ -514,3 +514,61 @@ def test_bad_flags_end_with_one_readable_line(world, tmp_path, capsys, flags, sa
         mrrm.main(args_for(world, tmp_path / "f", "--steps", "1", "--heldout", "", *flags))
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
+
+
+# --- a trained reward model is loaded the way it was trained ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def indep_run(world, tmp_path_factory):
+    """A short independent-mode run (adapter + merged export) on a copy of world's backbone."""
+    import shutil
+    root = tmp_path_factory.mktemp("indep")
+    shutil.copytree(world / "m", root / "bb")
+    mrrm.main(args_for(world, root / "rm", "--steps", "3", "--lr", "1e-2", "--heldout", "", "--mode", "independent")
+              + ["--model", str(root / "bb")])
+    return root
+
+
+def test_score_and_eval_use_the_mode_the_model_was_trained_in(world, indep_run):
+    heldout = str(world / "d" / "heldout.jsonl")
+    sample = mrrm.load_samples(heldout)[0]
+    args = ["score", "--image", *sample.images, "--prompt", sample.prompt, "--responses", *sample.responses]
+    default = mrrm.main(args + ["--adapter", str(indep_run / "rm")])
+    assert np.allclose(default, mrrm.main(args + ["--adapter", str(indep_run / "rm"), "--mode", "independent"]))
+    assert not np.allclose(default, mrrm.main(args + ["--adapter", str(indep_run / "rm"), "--mode", "joint"]))
+    # the merged export remembers its mode too
+    rm = mrrm.RewardModel.load(str(indep_run / "rm" / "merged"))
+    assert rm.mode == "independent" and np.allclose(rm.score([mrrm.read_image(p, "test") for p in sample.images],
+                                                             sample.prompt, sample.responses), default, atol=1e-5)
+
+
+def test_an_adapter_on_a_merged_model_or_a_bare_backbone_without_a_head_is_refused(world, indep_run, capsys):
+    with pytest.raises(ValueError, match="merged reward model .* would apply it twice"):
+        mrrm.RewardModel.load(str(indep_run / "rm" / "merged"), adapter=str(indep_run / "rm"))
+    heldout = str(world / "d" / "heldout.jsonl")
+    with pytest.raises(SystemExit):
+        mrrm.main(["eval", "--model", str(indep_run / "bb"), "--adapter", "", "--data", heldout])
+    assert "no head.safetensors, so not a trained reward model" in capsys.readouterr().err
+    assert not (indep_run / "bb" / "predictions.jsonl").exists()
+
+
+def test_an_adapter_is_refused_on_a_backbone_whose_weights_were_replaced(world, indep_run, tmp_path):
+    import shutil
+    shutil.copytree(indep_run / "bb", tmp_path / "bb")
+    vlm.write_tiny_checkpoint(str(tmp_path / "bb"), seed=1, min_pixels=64 * 64, max_pixels=64 * 64)  # same shapes
+    with pytest.raises(ValueError, match="trained on other weights than"):
+        mrrm.RewardModel.load(str(tmp_path / "bb"), adapter=str(indep_run / "rm"))
+    mrrm.RewardModel.load(str(indep_run / "bb"), adapter=str(indep_run / "rm"))  # its own backbone loads
+
+
+def test_save_then_load_gives_the_same_scores(world, tmp_path):
+    rm = mrrm.RewardModel.load(str(world / "m"), head_hidden=32)
+    import lora
+    lora.inject_lora(rm.backbone, r=4, alpha=8)
+    for _, layer in lora.lora_layers(rm.backbone):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    rm.save(str(tmp_path / "saved"))
+    again = mrrm.RewardModel.load(str(world / "m"), adapter=str(tmp_path / "saved"))
+    args = dict(prompt="What color is the circle?", responses=["Red.", "Blue.", "Green."])
+    assert np.allclose(rm.score(**args), again.score(**args), atol=1e-6)
