@@ -16,7 +16,8 @@ Run:
 
 NAME is one of vlrewardbench, mmrewardbench, mmrlhf, videorewardbench, mr2bench, rlaifv,
 vlfeedback. IN is JSONL or one JSON list. Images embedded as bytes ({"bytes": ...} dicts, base64
-strings, data URLs) are decoded and written as PNG into OUT's folder, under `<OUT stem>_images/`,
+strings, data URLs) are decoded, turned upright by their EXIF orientation as transformers'
+load_image does, and written as PNG into OUT's folder, under `<OUT stem>_images/`,
 named by a hash of their bytes; samples reference them by a path relative to OUT's folder. Image
 and video paths in IN are joined to --image-root (and checked to exist) when it is given, and
 otherwise kept as published.
@@ -44,10 +45,11 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mrrm import is_int as _is_int, read_records, validate_sample  # noqa: E402  (the schema lives in mrrm.py)
+# the schema lives in mrrm.py
+from mrrm import OPTIONAL_FIELDS, is_int as _is_int, read_records, validate_sample  # noqa: E402
 
 
 class BadRecord(ValueError):
@@ -90,10 +92,10 @@ def _chosen_rejected(chosen, rejected, key):
     return [chosen, rejected], [1, 2]
 
 
-# Base64 of the file signatures of PNG, JPEG, GIF, WebP and BMP. A string starting with one of
-# these and holding no '.' (outside base64's alphabet, inside nearly every file name) is an
-# embedded image, not a path.
-_B64_IMAGE_PREFIXES = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR", "Qk")
+# Base64 of the file signatures of PNG, JPEG, GIF, WebP, BMP and TIFF (little- and big-endian). A
+# string starting with one of these and holding no '.' (outside base64's alphabet, inside nearly
+# every file name) is an embedded image, not a path.
+_B64_IMAGE_PREFIXES = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR", "Qk", "SUkqA", "TU0AK")
 
 
 def _is_embedded(s):
@@ -142,11 +144,18 @@ class Context:
             if isinstance(raw, list):  # bytes as a JSON list of ints
                 data = bytes(raw)
             elif isinstance(raw, str):
-                data = base64.b64decode(raw.split(",", 1)[1] if raw.startswith("data:") else raw, validate=True)
+                text = raw.split(",", 1)[1] if raw.startswith("data:") else raw
+                # MIME-style base64 breaks its lines every 76 characters; whitespace is the only thing
+                # dropped, so any other stray character is still reported instead of decoded around.
+                data = base64.b64decode("".join(text.split()), validate=True)
             else:
                 raise ValueError(f"expected base64 text or a list of ints, found {type(raw).__name__}")
             img = Image.open(io.BytesIO(data))
             img.load()
+            # A camera stores the pixels as the sensor saw them plus an EXIF tag saying how to turn
+            # them; transformers' load_image applies the tag, and the PNG keeps no EXIF, so turn the
+            # pixels here or the model would see this image sideways.
+            img = ImageOps.exif_transpose(img)
         except (ValueError, TypeError, binascii.Error, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadRecord(f"{where}: {key}: image bytes do not decode ({e})") from None
         name = hashlib.sha1(data).hexdigest()[:16] + ".png"
@@ -203,6 +212,14 @@ def mmrewardbench(obj, where, ctx):
     category = obj.get("Category")
     if category is None and isinstance(obj.get("Meta"), dict):
         category = obj["Meta"].get("Category")
+    # scripts/2_get_accuracy.py reports safety and reasoning in two parts each, told apart by the ID
+    # (lowercased): safety/bias for IDs starting 'pairs' (the PAIRS set), else safety/toxicity;
+    # reasoning/math for IDs starting 'math', else reasoning/coding.
+    sample_id = str(obj.get("ID") or "").lower()
+    if category == "safety":
+        category = "safety/bias" if sample_id.startswith("pairs") else "safety/toxicity"
+    elif category == "reasoning":
+        category = "reasoning/math" if sample_id.startswith("math") else "reasoning/coding"
     sample = {"prompt": _get(obj, "Text", where),
               "responses": [_get(obj, "Output1", where), _get(obj, "Output2", where)],
               "rankings": [1, 2] if better == "Output1" else [2, 1],
@@ -239,10 +256,11 @@ def mmrlhf(obj, where, ctx):
 
 def passthrough(obj, where, ctx):
     # VideoRewardBench and MR2Bench come already N-way in mrrm's schema (the paper's release), so
-    # they are only validated; media paths are mapped like every other converter's.
+    # they are only validated; media paths are mapped like every other converter's. `null` in an
+    # optional field means absent, as mrrm.load_samples reads it, so such a field is dropped.
     if not isinstance(obj, dict):
         raise BadRecord(f"{where}: expected a JSON object, found {type(obj).__name__}")
-    sample = dict(obj)
+    sample = {k: v for k, v in obj.items() if v is not None or k not in OPTIONAL_FIELDS}
     if "image" in sample:
         sample["image"] = ctx.image(sample["image"], where, "image")
     if "video" in sample:
@@ -259,9 +277,12 @@ def rlaifv(obj, where, ctx):
         image = ctx.image(obj["image"], where, "image")
     else:
         image = ctx.image(_get(obj, "image_path", where), where, "image_path")
-    key = str(obj.get("idx", where))
+    # The swap is keyed on idx, or on the record's own text when it has none, so the same record
+    # is shown the same way whatever file (or line) it is read from.
+    question = _get(obj, "question", where)
+    key = str(obj["idx"]) if obj.get("idx") is not None else f"{question}\n{chosen}\n{rejected}"
     responses, rankings = _chosen_rejected(chosen, rejected, key)
-    sample = {"prompt": _get(obj, "question", where), "responses": responses, "rankings": rankings, "image": image}
+    sample = {"prompt": question, "responses": responses, "rankings": rankings, "image": image}
     return [_optional(sample, category=obj.get("origin_dataset"), id=obj.get("idx"))]
 
 
@@ -322,9 +343,11 @@ def convert(name, in_path, out_path, image_root=None, skip_bad=False):
     bad_json, bad = [], []
     records_in = samples_out = 0
     t0 = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    # Not mkstemp: its file is 0600 and would stay so after the rename. open() creates the file
+    # with the umask's usual permissions (0644 under umask 022), like the PNGs beside it.
+    tmp = out_path.parent / f".{out_path.name}.{os.getpid()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with open(tmp, "w", encoding="utf-8") as out:
             for line_no, obj in read_records(in_path, errors=bad_json if skip_bad else None):
                 records_in += 1
                 where = f"{in_path}:{line_no}"

@@ -3,11 +3,13 @@
 import base64
 import io
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import convert  # noqa: E402
@@ -81,8 +83,19 @@ def test_mmrewardbench_reads_a_json_list_with_better_and_category(tmp_path):
     stats = convert.convert("mmrewardbench", src, tmp_path / "out.jsonl")
     a, b = read_jsonl(tmp_path / "out.jsonl")
     assert (a["rankings"], b["rankings"]) == ([2, 1], [1, 2]), f"rankings {a['rankings']}, {b['rankings']}"
-    assert (a["category"], b["category"]) == ("open_generation/correctness_task", "reasoning")
+    assert (a["category"], b["category"]) == ("open_generation/correctness_task", "reasoning/math")
     assert stats["samples_out"] == 2, f"expected 2 samples, got {stats['samples_out']}"
+
+
+def test_mmrewardbench_splits_safety_and_reasoning_by_id_as_the_authors_script_does(tmp_path):
+    # scripts/2_get_accuracy.py: safety -> safety/bias for IDs starting 'pairs' else safety/toxicity;
+    # reasoning -> reasoning/math for IDs starting 'math' else reasoning/coding (IDs lowercased).
+    base = {"Text": "q", "Image": "i.jpg", "Output1": "a", "Output2": "b", "Better": "Output1"}
+    ids = [("PAIRS_3", "safety"), ("hateful_memes_1", "safety"), ("mathvista_2", "reasoning"),
+           ("EMMA-Coding_4", "reasoning"), ("nocaps_5", "general_correctness")]
+    _, out, _ = run(tmp_path, "mmrewardbench", [dict(base, ID=i, Category=c) for i, c in ids])
+    got = [s["category"] for s in out]
+    assert got == ["safety/bias", "safety/toxicity", "reasoning/math", "reasoning/coding", "general_correctness"], got
 
 
 def test_mmrlhf_numbers_pairs_that_share_an_id(tmp_path):
@@ -101,6 +114,16 @@ def test_chosen_is_not_always_shown_first(tmp_path):
     first = sum(s["rankings"] == [1, 2] for s in out)
     assert 8 <= first <= 32, f"chosen shown first in {first}/40 samples; expected about half"
     assert all(best(s) == "good" for s in out), "the chosen response must keep rank 1"
+
+
+def test_rlaifv_order_without_idx_does_not_depend_on_the_input_file_name(tmp_path):
+    rec = {"question": "q", "chosen": "C", "rejected": "R", "image_path": "i.jpg"}
+    shown = {}
+    for name in ("a", "bb", "ccc", "dddd", "e5", "f6", "g7", "h8"):
+        src = write_jsonl(tmp_path / f"{name}.jsonl", [rec])
+        convert.convert("rlaifv", src, tmp_path / f"{name}.out.jsonl")
+        shown[name] = tuple(read_jsonl(tmp_path / f"{name}.out.jsonl")[0]["rankings"])
+    assert len(set(shown.values())) == 1, f"the same record got different orders by file name: {shown}"
 
 
 def test_rlaifv_keeps_idx_as_id_and_decodes_bytes_given_as_ints(tmp_path):
@@ -126,6 +149,53 @@ def test_vlfeedback_ranks_by_mean_rating_with_dense_ties(tmp_path):
     _, [s], _ = run(tmp_path, "vlfeedback", [rec])
     # means: w 3.0, x 5.0, y 3.0, z 4.0 (N/A ignored)
     assert s["rankings"] == [3, 1, 3, 2], f"expected [3, 1, 3, 2] from means 3, 5, 3, 4; got {s['rankings']}"
+
+
+def test_embedded_jpeg_is_saved_upright_by_its_exif_orientation(tmp_path):
+    # 40 x 20 pixels, left half red and right half blue, tagged "rotate 90 degrees clockwise to
+    # show" (orientation 6): shown, it is 20 wide and 40 tall with red on top.
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))
+    rec = {"question": "q", "chosen": "a", "rejected": "b", "idx": 1,
+           "image": {"bytes": base64.b64encode(buf.getvalue()).decode(), "path": None}}
+    _, [s], out = run(tmp_path, "rlaifv", [rec])
+    with Image.open(out.parent / s["image"]) as png:
+        size, top, bottom = png.size, png.getpixel((10, 5)), png.getpixel((10, 35))
+    assert size == shown.size == (20, 40), f"PNG is {size}, shown upright the JPEG is {shown.size}"
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], f"top pixel {top}, bottom pixel {bottom}"
+
+
+def test_base64_with_line_breaks_and_base64_tiff_are_images(tmp_path):
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 3), (0, 0, 255)).save(tiff, "TIFF")
+    mime = base64.encodebytes(png_bytes(size=(40, 30))).decode()  # a line break every 76 characters
+    records = [dict(VLRB, image=mime), dict(VLRB, image=base64.b64encode(tiff.getvalue()).decode())]
+    assert "\n" in mime.strip(), "the PNG is too small to wrap"
+    _, out, _ = run(tmp_path, "vlrewardbench", records)
+    images = [s["image"] for s in out]
+    assert all(i.startswith("vlrewardbench.out_images/") for i in images), f"not decoded to PNGs: {images}"
+
+
+def test_output_file_has_the_umask_permissions_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _, _, out = run(tmp_path, "vlrewardbench", [VLRB])
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(out.stat().st_mode)
+    assert mode == 0o644, f"OUT has mode {oct(mode)}, expected 0o644 under umask 022"
+
+
+def test_null_in_an_optional_field_of_a_passthrough_record_means_absent(tmp_path):
+    rec = {"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2], "video": "v/1.mp4",
+           "image": None, "category": None, "id": None, "pair": None, "fps": None}
+    _, [s], _ = run(tmp_path, "mr2bench", [rec])
+    assert s == {"prompt": "p", "responses": ["a", "b"], "rankings": [1, 2], "video": "v/1.mp4"}, s
 
 
 def test_videorewardbench_passes_valid_samples_through(tmp_path):

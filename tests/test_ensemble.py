@@ -50,6 +50,67 @@ def test_ties_count_half_a_win_each_way():
     assert W.tolist() == [[0, 0.5], [1.5, 0]], W.tolist()
 
 
+def judgment(a, b, winner, qid="q"):
+    return {"question_id": qid, "model_a": a, "model_b": b, "winner": winner}
+
+
+def test_judgment_agreement_is_the_share_of_non_tie_judgments_the_ranking_follows():
+    # A beat B 3 times, B beat A once, and 2 ties: the order A > B follows 3 of the 4 decisive ones.
+    judged = [judgment("A", "B", "a")] * 3 + [judgment("A", "B", "b")] + [judgment("B", "A", "tie")] * 2
+    W = ensemble.preference_matrix(judged, ["A", "B"])
+    order, method_ranks = ensemble.ensemble_rank(W)
+    ranks = ensemble.final_ranks(W, order, method_ranks)
+    got = ensemble.judgment_agreement(judged, ["A", "B"], ranks)
+    assert list(ranks) == [1, 2] and got == pytest.approx(0.75), f"ranks {list(ranks)}, agreement {got}, expected 0.75"
+
+
+def test_bradley_terry_ranks_models_judged_alike_equal_wherever_they_sit():
+    # models 1 and 3 each beat 0 twice and 2 once, and 2 beat 0: the same strength, which the MM
+    # iterations used to return a few ulps apart (ranks 1 and 2, by index)
+    W = np.zeros((4, 4))
+    W[1, 0] = W[3, 0] = 2
+    W[1, 2] = W[3, 2] = W[2, 0] = 1
+    ranks = ensemble.scores_to_ranks(ensemble.bradley_terry(W))
+    assert ranks[1] == ranks[3] == 1.5, f"ranks {ranks}, scores {ensemble.bradley_terry(W)}"
+
+
+def wins(*pairs, winner="a", qid="q"):
+    """One judgment per "xy" pair (model x against model y), each won by `winner`."""
+    return [judgment(p[0], p[1], winner, qid) for p in pairs]
+
+
+@pytest.mark.parametrize("case,judged,expected", [
+    ("all ties", wins("ab", "ac", "bc", "ad", "bd", "cd", winner="tie"), {"a": 1, "b": 1, "c": 1, "d": 1}),
+    ("a three-cycle under a clear winner", wins("ab", "bc", "ca", "da", "db", "dc"), {"d": 1, "a": 2, "b": 2, "c": 2}),
+    ("twins", wins("ax", "bx", "xc") + wins("ab", winner="tie"), {"a": 1, "b": 1, "x": 2, "c": 3}),
+    ("a clear order", wins("ab", "bc", "ac"), {"a": 1, "b": 2, "c": 3}),
+])
+def test_models_the_judgments_cannot_separate_share_a_rank(case, judged, expected):
+    models = sorted(expected)
+    W = ensemble.preference_matrix(judged, models)
+    order, method_ranks = ensemble.ensemble_rank(W)
+    got = dict(zip(models, ensemble.final_ranks(W, order, method_ranks).tolist()))
+    assert got == expected, f"{case}: ranks {got}, expected {expected}"
+
+
+def test_a_model_and_its_exact_twin_share_a_rank_whatever_their_names():
+    # Random judgments plus a twin of one model (the same wins and losses against everyone, even
+    # between the two), under shuffled names: ordering the twins would mean ordering by name.
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(2, 7))
+        W = np.zeros((n + 1, n + 1))
+        W[:n, :n] = rng.poisson(0.6, (n, n)) * (1 - np.eye(n))
+        k = int(rng.integers(n))
+        W[n, :n], W[:n, n] = W[k, :n], W[:n, k]
+        W[n, k] = W[k, n] = rng.choice([0, 0.5, 1])
+        P = rng.permutation(n + 1)  # shuffled names: new index i is old model P[i]
+        shuffled = W[np.ix_(P, P)]
+        ranks = np.empty(n + 1, dtype=int)
+        ranks[P] = ensemble.final_ranks(shuffled, *ensemble.ensemble_rank(shuffled))
+        assert ranks[k] == ranks[n], f"trial {trial}: twins {k} and {n} ranked {ranks[k]} and {ranks[n]}; ranks {ranks}"
+
+
 def test_kendall_tau_is_one_for_equal_and_minus_one_for_reversed_ranks():
     r = [1, 2, 3, 4]
     got = (ensemble.kendall_tau(r, r), ensemble.kendall_tau(r, r[::-1]), ensemble.kendall_tau(r, [2, 1, 3, 4]))
@@ -149,6 +210,28 @@ def test_command_line_writes_valid_mrrm_samples_and_agreement(tmp_path, capsys):
     agreement = [json.loads(line) for line in (tmp_path / "out.agreement.jsonl").read_text().splitlines()]
     assert len(agreement) == 3 and all(0.5 < a["judgments_agree"] <= 1 for a in agreement), agreement
     assert capsys.readouterr().out.startswith("questions 3 | samples 6 |")
+
+
+def test_build_gives_tied_models_one_rank_and_drops_variants_that_are_all_tied(tmp_path):
+    # "twins": 1 beats everyone; 2 and 3 tie and beat 4 and 5 alike; 4 beats 5. "flat": 1-4 all tie.
+    judged = wins("12", "13", "14", "15", "24", "25", "34", "35", "45", qid="twins")
+    judged += wins("23", winner="tie", qid="twins")
+    judged += wins("12", "13", "23", "14", "24", "34", winner="tie", qid="flat")
+    jpath, qpath = tmp_path / "j.jsonl", tmp_path / "q.jsonl"
+    jpath.write_text("".join(json.dumps(dict(j, model_a=f"m{j['model_a']}", model_b=f"m{j['model_b']}")) + "\n"
+                             for j in judged))
+    responses = {f"m{i}": f"m{i}" for i in range(1, 6)}
+    qpath.write_text("".join(json.dumps({"question_id": q, "prompt": "p", "responses": responses}) + "\n"
+                             for q in ("twins", "flat")))
+    samples, agreement, dropped = ensemble.build(jpath, qpath, k=4, n_variants=4, seed=0)
+    ranks = [dict(zip(s["responses"], s["rankings"])) for s in samples]
+    both = [r for r in ranks if "m2" in r and "m3" in r]
+    # 5 models in 4 bins ([m1, m2], [m3], [m4], [m5] by position) allow only 2 distinct variants
+    assert [s["id"] for s in samples] == ["twins-0", "twins-1"], [s["id"] for s in samples]
+    assert both and all(r["m2"] == r["m3"] for r in both), f"m2 and m3 ranked apart: {both}"
+    assert all(sorted(r.values()) == [1, 2, 3, 4] for r in ranks if r not in both), ranks
+    assert dropped["variants with every response tied"] == 1, dropped
+    assert [a["judgments_agree"] for a in agreement] == [1.0, 1.0], agreement
 
 
 def test_a_bad_winner_is_reported_with_file_line_and_field(tmp_path):
