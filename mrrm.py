@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -390,9 +391,10 @@ def backbone_fingerprint(folder):
 def check_backbone(adapter, model):
     """Refuse an adapter on a backbone whose weights differ from those it was trained on (when it recorded them)."""
     want = _read_rm_config(adapter).get("base_fingerprint")
-    if want and backbone_fingerprint(model) != want:
+    found = backbone_fingerprint(model) if want else None
+    if want and found != want:
         raise ValueError(f"{adapter} was trained on other weights than {model} holds (fingerprint {want}, found "
-                         f"{backbone_fingerprint(model)}): a LoRA and head on the wrong backbone give scores "
+                         f"{found}): a LoRA and head on the wrong backbone give scores "
                          "without meaning; give --model the backbone it was trained on")
 
 
@@ -429,9 +431,18 @@ def read_records(path, errors=None):
         yield from _read_json_list(path, _decode(path, data))
         return
     # a .json file holding one object is the authors' {"ranking_data": [...], ...}; else it is JSONL
-    if head == b"{" and path.endswith(".json") and _one_json_value(data.decode("utf-8", errors="replace")):
-        yield from _read_json_dict(path, _decode(path, data))
-        return
+    # (parsed leniently first: a JSONL line that is not UTF-8 is that line's problem, reported below)
+    if head == b"{" and path.endswith(".json"):
+        try:
+            obj = json.loads(data.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": more than one value, i.e. JSONL under a .json name
+                _decode(path, data)
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+        else:
+            _decode(path, data)  # one object: all of it must be UTF-8
+            yield from _read_json_dict(path, obj)
+            return
     for line_no, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -453,21 +464,8 @@ def _decode(path, data):
         raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
 
 
-def _one_json_value(text):
-    """Whether text is one JSON value (else JSONL: an object per line, which a .json name does not rule out)."""
-    try:
-        json.loads(text)
-        return True
-    except json.JSONDecodeError as e:
-        return e.msg != "Extra data"
-
-
-def _read_json_dict(path, text):
+def _read_json_dict(path, obj):
     """One JSON object whose list values hold the samples; each is located as `key[i]`."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
     lists = {k: v for k, v in obj.items() if isinstance(v, list)}
     if not lists:
         raise ValueError(f"{path}: expected JSONL, a JSON list, or a JSON object holding lists of samples; "
@@ -507,9 +505,9 @@ def _read_json_list(path, text):
                          f"(one JSON list per file, or one record per line)")
     # a list written on one line (json.dump's default) puts every element on line 1: number them there,
     # so each sample keeps a location of its own (errors, default ids and the prompt cache key on it)
-    shared = {ln for ln in (ln for ln, _ in items) if sum(1 for l, _ in items if l == ln) > 1}
+    per_line = Counter(ln for ln, _ in items)
     for i, (ln, obj) in enumerate(items):
-        yield (f"{ln}[{i}]" if ln in shared else ln), obj
+        yield (f"{ln}[{i}]" if per_line[ln] > 1 else ln), obj
 
 
 OPTIONAL_FIELDS = ("image", "video", "category", "id", "pair", "fps", "sampling_interval")
@@ -1051,11 +1049,12 @@ def clear_finished_run(out):
     """A fresh run in `out` starts clean: the earlier run's metrics, checkpoints and `latest` pointer go
     (a stale pointer would make a later --resume continue the earlier run). An earlier run that stopped
     before its last step is kept, and the fresh run refused: it was most likely meant to be resumed."""
-    pointer = os.path.join(out, "latest.json")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            latest = json.load(f)
-        state_path = os.path.join(out, latest.get("checkpoint", ""), "state.json")
+    try:
+        folder = latest_checkpoint(out)
+    except FileNotFoundError:  # the pointer names a removed checkpoint: nothing left to resume
+        folder = None
+    if folder is not None:
+        state_path = os.path.join(folder, "state.json")
         if os.path.isfile(state_path):
             with open(state_path) as f:
                 saved = json.load(f)
