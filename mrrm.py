@@ -760,7 +760,7 @@ def media_problems(images, videos, where):
         if isinstance(v, list):
             continue
         if os.path.isdir(v):
-            if not any(n.lower().endswith(vlm.FRAME_EXTENSIONS) for n in os.listdir(v)):
+            if not vlm.frame_names(v):
                 problems.append(f"{where}: video: {v}: folder holds no {'/'.join(vlm.FRAME_EXTENSIONS)} frames")
         elif not v.lower().endswith(".gif") and importlib.util.find_spec("av") is None:
             problems.append(f"{where}: video: {v}: decoding a video file needs PyAV (pip install av); "

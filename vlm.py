@@ -43,6 +43,15 @@ import torch.nn.functional as F
 # Config
 
 
+def read_json(path):
+    """A JSON file's value; malformed JSON is a ValueError naming the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 @dataclass
 class VisionConfig:
     depth: int = 24
@@ -123,12 +132,7 @@ class Config:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found; expected a Qwen3-VL checkpoint folder as downloaded from the Hub")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, where=path)
+        return cls.from_dict(read_json(path), where=path)
 
     def to_dict(self):
         """config.json in the Hub layout (readable by transformers and by from_dict)."""
@@ -533,11 +537,7 @@ def read_checkpoint_index(folder):
     """tensor name -> shard file path, for single-file and sharded checkpoints."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{index}: not valid JSON ({e})") from None
+        d = read_json(index)
         weight_map = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(weight_map, dict):
             found = f"'weight_map' is {type(weight_map).__name__}" if isinstance(d, dict) else f"a {type(d).__name__}"
@@ -712,6 +712,13 @@ def open_image(path):
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the files of a frame folder
 
 
+def frame_names(folder):
+    """A frame folder's image files in natural order: frame_2 before frame_10, which a plain sort
+    puts after it."""
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS)),
+                  key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
 def load_video_frames(source, video_fps=None):
     """A video as (list of RGB PIL frames, fps). `source`: a list of images/paths, a folder of frames
     (in natural order), a GIF, or an mp4 read with PyAV when it is installed. Frame lists and folders
@@ -724,9 +731,7 @@ def load_video_frames(source, video_fps=None):
         return [open_image(f) if isinstance(f, (str, os.PathLike)) else to_rgb(f) for f in source], video_fps or 2.0
     path = str(source)
     if os.path.isdir(path):
-        # natural order: frame_2 before frame_10, which a plain sort puts after it
-        names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)),
-                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        names = frame_names(path)
         if not names:
             raise ValueError(f"{path}: video folder holds no {'/'.join(FRAME_EXTENSIONS)} frames")
         return [open_image(os.path.join(path, n)) for n in names], video_fps or 2.0
@@ -803,11 +808,7 @@ def read_processor_settings(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, found a {type(d).__name__}")
         return d
