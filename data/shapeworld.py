@@ -524,11 +524,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     mix = parse_mix(args.train_mix)
     start = time.perf_counter()
+    # split.json vouches for the folder: it goes first and comes back last, so a run cut short
+    # (Ctrl-C, a full disk) leaves a folder that mrrm regenerates, never a truncated split it trusts.
+    settings = Path(args.out) / "split.json"
+    settings.unlink(missing_ok=True)
     # Held-out first, from its own stream alone, so it stays the same whatever the train split is.
     heldout = write_split(args.out, "heldout", args.heldout, args.seed, args.image_size)
     train = write_split(args.out, "train", args.train, args.seed, args.image_size, exclude=heldout, mix=mix)
-    with open(Path(args.out) / "split.json", "w", encoding="utf-8") as f:
+    partial = settings.with_suffix(".json.tmp")
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(split_settings(args), f, indent=1)
+    partial.replace(settings)
     print(f"train {len(train)} | heldout {len(heldout)} | out {args.out} | "
           f"seconds {time.perf_counter() - start:.2f}")
 

@@ -131,3 +131,14 @@ def test_heldout_samples_are_the_first_of_the_heldout_split(tmp_path):
     sw.main(["--out", str(tmp_path), "--train", "3000", "--heldout", "200", "--seed", "0"])
     written = [json.loads(line)["id"] for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
     assert [s["record"]["id"] for s in sw.heldout_samples(200, 0)] == written
+
+
+def test_another_seed_still_leaves_out_the_default_splits_heldout_pairs(tmp_path, monkeypatch):
+    # --seed picks the scenes; the pairs left out must stay the default split's whatever it is
+    # (they were the held-out of a split written with that --seed, which no one trains against)
+    excluded = []
+    draw = pb.draw_example
+    monkeypatch.setattr(pb, "draw_example", lambda rng, proc, noise, exclude: excluded.append(exclude) or
+                        draw(rng, proc, noise, exclude))
+    pb.main(["--out", str(tmp_path), "--steps", "1", *TINY, "--seed", "3"])
+    assert excluded and excluded[0] == {s["record"]["id"] for s in sw.heldout_samples(4, 0)}

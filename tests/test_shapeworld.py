@@ -331,3 +331,20 @@ def test_split_json_says_whether_a_folder_is_the_default_split(tmp_path):
     assert sw.is_default_split(tmp_path)
     (tmp_path / "split.json").unlink()  # a folder from before split.json: regenerated
     assert not sw.is_default_split(tmp_path)
+
+
+def test_a_split_cut_short_is_not_taken_for_the_default(tmp_path, monkeypatch):
+    # a default folder being rewritten (by a newer version, say) and stopped half way must not keep
+    # the old split.json: mrrm would then train on the truncated files without a word
+    sw.main(["--out", str(tmp_path), "--train", "30", "--heldout", "10"])
+    recorded = json.loads((tmp_path / "split.json").read_text())
+    (tmp_path / "split.json").write_text(json.dumps({**recorded, "train": 10000, "heldout": 1000}))
+    assert sw.is_default_split(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sw.main(["--out", str(tmp_path)])
+    assert not sw.is_default_split(tmp_path)
