@@ -39,6 +39,7 @@ sharing strength across questions.
 
 import argparse
 import json
+import os
 import sys
 import zlib
 from collections import defaultdict
@@ -437,6 +438,15 @@ def build(judgments_path, questions_path, k, n_variants, seed):
     return samples, agreement, dict(dropped)
 
 
+def rebase(paths, src, dst):
+    """A path (or list of paths) relative to folder src, made relative to folder dst; absolute ones stay."""
+    if isinstance(paths, list):
+        return [rebase(p, src, dst) for p in paths]
+    if not isinstance(paths, str) or os.path.isabs(paths):
+        return paths
+    return os.path.relpath(os.path.join(src, paths), dst)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("judgments", nargs="?", help="JSONL of pairwise judgments")
@@ -458,6 +468,13 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # media paths are relative to the file that holds them: from the side file's folder to OUT's
+    src, dst = os.path.dirname(os.path.abspath(args.questions)), os.path.dirname(os.path.abspath(args.out))
+    for s in samples:
+        for key in ("image", "video"):
+            if key in s:
+                s[key] = rebase(s[key], src, dst)
+    os.makedirs(dst, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     agreement_path = args.out.removesuffix(".jsonl") + ".agreement.jsonl"

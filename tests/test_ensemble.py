@@ -1,6 +1,7 @@
 """Tests of data/ensemble.py: the rankers, cycle removal, variants, and recovery of a known order."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -251,3 +252,13 @@ def test_a_judged_model_without_a_response_is_reported(tmp_path):
     qpath.write_text(json.dumps(q) + "\n")
     with pytest.raises(ValueError, match=r"judgments.jsonl:\d+: model_[ab]: 'm03' has no response"):
         ensemble.build(jpath, qpath, 4, 1, 0)
+
+
+def test_media_paths_still_point_at_the_files_when_out_is_in_another_folder(tmp_path):
+    # mrrm reads a relative path from the folder of the file holding it: the side file's folder here,
+    # OUT's there; the output folder is made if missing
+    jpath, qpath, truth = write_inputs(tmp_path)
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    assert ensemble.main([str(jpath), "--questions", str(qpath), "--out", str(out), "--k", "4"]) == 0
+    video = json.loads(out.read_text().splitlines()[0])["video"]
+    assert not os.path.isabs(video) and os.path.normpath(out.parent / video) == str(tmp_path / "v" / "q00000.mp4")
