@@ -434,8 +434,6 @@ def check_args(args):
 def train(args):
     check_args(args)
     device = mrrm.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     policy, proc, rm = load_models(args, device)
     policy.grad_checkpointing = args.grad_ckpt
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}

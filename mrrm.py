@@ -337,7 +337,6 @@ class RewardModel(nn.Module):
     def load(cls, model, adapter=None, dtype=torch.float32, device="cpu", **settings):
         """A backbone folder (Hub layout) plus the adapter folder `mrrm.py train` wrote, or one merged
         folder (`train --export`) that holds head.safetensors and rm_config.json itself."""
-        from safetensors.torch import load_file
         merged = os.path.isfile(os.path.join(model, "head.safetensors"))
         if adapter is not None and merged:
             raise ValueError(f"{model} is a merged reward model (it holds head.safetensors): its LoRA is already "
@@ -367,7 +366,7 @@ class RewardModel(nn.Module):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: not found")
             try:
-                rm.head.load_state_dict(load_file(path), strict=True)
+                rm.head.load_state_dict(vlm.load_safetensors(path), strict=True)
             except RuntimeError as e:
                 raise ValueError(f"{path}: does not fit a value head of hidden size "
                                  f"{rm.head.fc1.out_features} on a {backbone.cfg.text.hidden_size}-wide backbone: {e}") from None
@@ -402,8 +401,7 @@ def _read_rm_config(folder):
     path = os.path.join(folder, "rm_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; expected a folder written by `mrrm.py train`")
-    with open(path) as f:
-        return json.load(f)
+    return vlm.read_json(path)
 
 
 # -----------------------------------------------------------------------------
@@ -638,8 +636,10 @@ def latest_checkpoint(out):
     path = os.path.join(out, "latest.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        folder = os.path.join(out, json.load(f)["checkpoint"])
+    pointer = vlm.read_json(path)
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
+        raise ValueError(f"{path}: expected {{\"checkpoint\": NAME, ...}}, found {pointer!r:.80}")
+    folder = os.path.join(out, pointer["checkpoint"])
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} points at {folder}, which does not exist")
     return folder
@@ -647,11 +647,10 @@ def latest_checkpoint(out):
 
 def load_checkpoint(folder, named_params, optimizer):
     """Restore parameters, optimizer and RNG streams in place; returns the saved state dict."""
-    from safetensors.torch import load_file
     for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise FileNotFoundError(f"{folder}: checkpoint is missing {name}")
-    saved = load_file(os.path.join(folder, "trainable.safetensors"))
+    saved = vlm.load_safetensors(os.path.join(folder, "trainable.safetensors"))
     if set(saved) != set(named_params):
         missing, extra = sorted(set(named_params) - set(saved)), sorted(set(saved) - set(named_params))
         raise ValueError(f"{folder}: checkpoint does not match the model being trained; missing {missing[:5]}, "
@@ -659,15 +658,14 @@ def load_checkpoint(folder, named_params, optimizer):
     with torch.no_grad():
         for k, p in named_params.items():
             p.copy_(saved[k])
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
+    state = vlm.read_json(os.path.join(folder, "state.json"))
     dev = next(iter(named_params.values())).device
     opt = {}
-    for key, v in load_file(os.path.join(folder, "optimizer.safetensors")).items():
+    for key, v in vlm.load_safetensors(os.path.join(folder, "optimizer.safetensors")).items():
         i, k = key.split(".", 1)
         opt.setdefault(int(i), {})[k] = v if k == "step" else v.to(dev)
     optimizer.load_state_dict({"state": opt, "param_groups": state.pop("param_groups")})
-    set_rng_state(load_file(os.path.join(folder, "rng.safetensors")), state.pop("rng"))
+    set_rng_state(vlm.load_safetensors(os.path.join(folder, "rng.safetensors")), state.pop("rng"))
     return state
 
 
@@ -701,11 +699,11 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file not found")
     base = image_root or os.path.dirname(os.path.abspath(path))
-    errors, samples, bad = [], [], 0
+    errors, samples, bad, found_here = [], [], 0, 0
     for line, obj in read_records(path, errors):
         where = f"{path}:{line}"
         if isinstance(obj, dict):  # null in an optional field means absent, as converters write unpublished ones
-            obj = {k: v for k, v in obj.items() if v is not None or k not in OPTIONAL_FIELDS}
+            obj = {k: v for k, v in obj.items() if v is not None or k not in OPTIONAL_FIELDS + ("prompt", "question")}
         problems = validate_sample(obj, where)
         images, videos = [], []
         if not problems:
@@ -727,12 +725,12 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
                 problems += media_problems(images, videos, where)
         if problems:
             errors += problems
-            bad += 1
+            bad, found_here = bad + 1, found_here + len(problems)
             continue
         samples.append(Sample(str(obj.get("id", f"{os.path.basename(path)}:{line}")), prompt_of(obj), obj["responses"],
                               obj["rankings"], images, videos, obj.get("category", ""), where, obj.get("pair"),
                               frame_rate(obj) if videos and (isinstance(videos[0], list) or os.path.isdir(videos[0])) else None))
-    bad += sum(1 for e in errors if ": malformed JSON:" in e)
+    bad += len(errors) - found_here  # read_records' lines: one message each (malformed JSON, not UTF-8)
     shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
     if errors and not skip_bad:
         raise ValueError(f"{path}: {bad} bad record(s); fix them or pass --skip-bad to skip them:\n  {shown}")
@@ -802,6 +800,23 @@ def encode_sample(rm, s, order, mode, cache):
     """Sample with its responses in `order` -> (Pack, ranks (N,))."""
     return (rm.encode(s.prompt, [s.responses[i] for i in order], mode=mode, where=f"{s.where}: ",
                       encoded_prompt=cache(s)), torch.tensor([s.rankings[i] for i in order]))
+
+
+def encode_or_skip(rm, s, order, mode, cache, skipped=None):
+    """encode_sample, for a sample whose problem can show only now: only image headers are read before
+    training, so an image whose data is cut short fails here, as does a prompt over max_len. Without
+    `skipped` the ValueError naming the sample stops the run; with it (a dict, --skip-bad) the sample is
+    recorded there, reported once and None returned, now and whenever it comes up again."""
+    if skipped is not None and s.where in skipped:
+        return None
+    try:
+        return encode_sample(rm, s, order, mode, cache)
+    except ValueError as e:
+        if skipped is None:
+            raise
+        skipped[s.where] = str(e)
+        print(f"skipped a bad record (--skip-bad): {e}", file=sys.stderr)
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -887,7 +902,7 @@ def protocol_report(name, rows):
         return {"n": len(rows), "accuracy": sum(r["best"] for r in rows) / len(rows),
                 "acc_plus": sum(all(v) for v in by_id.values()) / len(by_id), "n_ids": len(by_id)}
     if name == "mr2bench":
-        return {"n": len(rows), "best_of_4": sum(r["best"] for r in rows) / len(rows), **{
+        return {"n": len(rows), "best_of_n": sum(r["best"] for r in rows) / len(rows), **{
             k: v for k, v in summarize(rows).items() if k in ("pairwise", "kendall_tau", "per_category")}}
     raise ValueError(f"unknown protocol {name!r}; choose from {PROTOCOLS}")
 
@@ -899,8 +914,10 @@ def shifts(n, orders):
 
 
 @torch.no_grad()
-def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, autocast=None, row_tokens=0):
-    """Score every sample (averaged over `orders` cyclic shifts) -> (rows, scores per sample)."""
+def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, autocast=None, row_tokens=0,
+             skipped=None):
+    """Score every sample (averaged over `orders` cyclic shifts) -> (rows, scores per sample). With
+    `skipped` (encode_or_skip), samples found bad only now are left out of both."""
     was_training = rm.training
     rm.eval()
     cache = cache or PromptCache(rm, 0)
@@ -908,8 +925,11 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
     sums = [[0.0] * len(s.responses) for s in samples]
     counts = [0] * len(samples)
     for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b:b + batch_size]
-        packs = [encode_sample(rm, samples[i], order, mode, cache)[0] for i, order in chunk]
+        encoded = [encode_or_skip(rm, samples[i], order, mode, cache, skipped) for i, order in jobs[b:b + batch_size]]
+        chunk = [job for job, e in zip(jobs[b:b + batch_size], encoded) if e is not None]
+        packs = [e[0] for e in encoded if e is not None]
+        if not packs:
+            continue
         with autocast or contextlib.nullcontext():
             scores = rm(collate(packs, mode, row_tokens=row_tokens)).float().cpu()
         for (i, order), sc in zip(chunk, scores):
@@ -917,9 +937,10 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
                 sums[i][orig] += float(sc[pos])
             counts[i] += 1
     rm.train(was_training)
-    out_scores = [[v / counts[i] for v in row] for i, row in enumerate(sums)]
-    rows = [{**sample_metrics(sc, s.rankings), "category": s.category, "id": s.id}
-            for sc, s in zip(out_scores, samples)]
+    scored = [i for i in range(len(samples)) if counts[i]]
+    out_scores = [[v / counts[i] for v in sums[i]] for i in scored]
+    rows = [{**sample_metrics(sc, samples[i].rankings), "category": samples[i].category, "id": samples[i].id}
+            for sc, i in zip(out_scores, scored)]
     return rows, out_scores
 
 
@@ -1056,8 +1077,7 @@ def clear_finished_run(out):
     if folder is not None:
         state_path = os.path.join(folder, "state.json")
         if os.path.isfile(state_path):
-            with open(state_path) as f:
-                saved = json.load(f)
+            saved = vlm.read_json(state_path)
             if saved.get("total") and saved["step"] < saved["total"]:
                 raise ValueError(f"{out} holds an unfinished run (checkpoint at step {saved['step']} of "
                                  f"{saved['total']}): --resume continues it; to start over, delete it or "
@@ -1132,6 +1152,7 @@ def train(args):
     # anything that stops the run (a bad sample, out of memory, Ctrl-C) first saves the last finished
     # step with the random streams as they were right after it, so --resume continues exactly there
     state, saved, updating, rng = {"settings": settings, "total": total}, step, False, rng_state()
+    skipped = {} if args.skip_bad else None  # samples found bad only when used (encode_or_skip)
     try:
         while step < stop:
             t_step = time.time()
@@ -1147,15 +1168,19 @@ def train(args):
                     i, gen = sample_order(len(samples), use, args.seed)
                     s = samples[i]
                     order = torch.randperm(len(s.responses), generator=gen).tolist()
-                    p, r = encode_sample(rm, s, order, mode, cache)
-                    packs.append(p), ranks.append(r), ids.append(s.id)
+                    encoded = encode_or_skip(rm, s, order, mode, cache, skipped)
+                    if encoded is not None:
+                        packs.append(encoded[0]), ranks.append(encoded[1]), ids.append(s.id)
+                if not packs:
+                    continue
                 batch = collate(packs, mode, row_tokens=args.row_tokens)
                 rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
                 with autocast:
                     scores = rm(batch)
                 loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping")
+                    raise FloatingPointError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping "
+                                             "(a lower --lr, or --clip if it is 0?)")
                 (loss / accum).backward()
                 window.append(m)
                 tokens += sum(len(p.input_ids) for p in packs)
@@ -1177,7 +1202,7 @@ def train(args):
                                 "tokens_per_s": tokens / time_timed, "time": elapsed})
                 window = []
             if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
-                rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens)
+                rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens, skipped)
                 res = summarize(rows)
                 print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
                       f"tau {res['kendall_tau']:.3f}", flush=True)
@@ -1185,10 +1210,11 @@ def train(args):
             if args.save_every and step % args.save_every == 0 or step == stop:
                 saved = step  # first: a save that is itself interrupted is not tried again below
                 save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints)
-    except BaseException:
+    except BaseException as e:
         if step > saved and not updating:
             folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
-            print(f"stopped during step {step + 1}; saved {folder}: --resume continues from there", file=sys.stderr)
+            fix = "fix or remove the record named below, or add --skip-bad; then " if isinstance(e, ValueError) else ""
+            print(f"stopped during step {step + 1}; saved {folder}: {fix}--resume continues from there", file=sys.stderr)
         raise
 
     extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
@@ -1197,7 +1223,7 @@ def train(args):
     rm.save(args.out, extra)
     result = None
     if heldout:
-        rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens)
+        rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens, skipped)
         result = summarize(rows)
         print(f"held-out ({len(heldout)} samples): best-of-N {result['best_of_n']:.3f} | pairwise "
               f"{result['pairwise']:.3f} | Kendall tau {result['kendall_tau']:.3f} | exact ranking "
@@ -1251,7 +1277,10 @@ def evaluate_cmd(args):
     mode = args.mode or rm.mode
     autocast = precision(device)[1]
     t0 = time.time()
-    rows, scores = evaluate(rm, samples, mode, args.orders, args.batch_size, autocast=autocast, row_tokens=args.row_tokens)
+    skipped = {} if args.skip_bad else None
+    rows, scores = evaluate(rm, samples, mode, args.orders, args.batch_size, autocast=autocast,
+                            row_tokens=args.row_tokens, skipped=skipped)
+    samples = [s for s in samples if s.where not in (skipped or {})]
     report = protocol_report(args.protocol, rows)
     print(f"{args.data}: {len(samples)} samples, mode {mode}, {args.orders} order(s), protocol {args.protocol}, "
           f"{time.time() - t0:.1f}s")
@@ -1314,11 +1343,11 @@ BENCH_SEP = "<|im_end|>"  # the separator RewardModel uses by default
 
 def bench_model(args, device, dtype):
     """(model, sep_id, description). --config builds random weights on the meta device and
-    materialises them on `device` in `dtype` (a bf16 8B never exists in fp32); otherwise a folder loads."""
-    if args.config is None and os.path.isdir(args.model):
+    materialises them on `device` in `dtype` (a bf16 8B never exists in fp32); otherwise --model loads."""
+    if args.config is None:
         model = vlm.load_model(args.model, dtype=dtype, device=device)
         return model, vlm.Tokenizer(os.path.join(args.model, "tokenizer.json")).token_id(BENCH_SEP), args.model
-    name = args.config or "tiny"
+    name = args.config
     special = {s: i for i, s in enumerate(vlm.QWEN_SPECIAL_TOKENS, start=151643)}  # the real Qwen ids
     if name == "tiny":
         special = {s: i for i, s in enumerate(vlm.QWEN_SPECIAL_TOKENS)}
@@ -1767,8 +1796,6 @@ def bench(args):
         args.flex = device.type == "cuda"
     if args.transformers is None:
         args.transformers = not args.generate
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, sep_id, source = bench_model(args, device, dtype)
     peak = matmul_peak_tflops(device, dtype)
@@ -1807,7 +1834,7 @@ def bench(args):
 def add_bench_args(subparsers):
     b = subparsers.add_parser("bench", help="latency, FLOPs and memory: packed vs one pass per response")
     g = b.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="backbone folder (used when it exists and --config is not given)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="backbone folder (unless --config is given)")
     g.add_argument("--config", choices=["tiny"] + sorted(BENCH_SIZES), default=None,
                    help="random weights of this size instead of --model (2b/4b/8b: real Qwen3-VL sizes)")
     g.add_argument("--device", default="auto")
@@ -1905,6 +1932,8 @@ def parser():
                    "step; the first steps pay for compiling)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
     t.add_argument("--log-every", type=positive_int, default=50)
     t.add_argument("--eval-every", type=int, default=1000, help="evaluate on --heldout every K steps (0: only at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
@@ -1930,6 +1959,8 @@ def parser():
     e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--row-tokens", type=int, default=256, help="as in train")
     e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
 
     s = sub.add_parser("score", help="score N responses to one prompt")
     s.add_argument("--model", default=None, help="backbone folder (default: the one --adapter was trained on)")
@@ -1940,6 +1971,8 @@ def parser():
     s.add_argument("--responses", nargs="+", required=True)
     s.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
     s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
     add_bench_args(sub)
     return ap
 
@@ -1952,15 +1985,19 @@ def on_off(text):
 
 
 def run_cli(fn, args):
-    """Bad input (missing file, malformed data, wrong key) ends with one readable line and exit code 1;
-    MRRM_DEBUG=1 shows the traceback instead."""
+    """Bad input (missing file, malformed data, wrong key) and a diverged run (a NaN loss) end with one
+    readable line and exit code 1; MRRM_DEBUG=1 shows the traceback instead."""
     # A confident model's softmax and Adam moments underflow into denormal floats, which CPUs handle
     # far slower: without this an independent-mode shape-world run's steps take 3.8x longer once its
     # loss nears 0 (300 vs 80 ms). Flushing them to zero only changes values below 1.2e-38.
     torch.set_flush_denormal(True)
+    # torch's threads wait for each other at every op: with one of two cores kept busy by another process,
+    # two threads ran the shape-world step at 620 tokens/s and one thread at 3,400 (idle: 9,000 with two)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     try:
         return fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
         if os.environ.get("MRRM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -130,6 +130,8 @@ class Config:
     @classmethod
     def from_folder(cls, folder):
         path = os.path.join(folder, "config.json")
+        if os.path.isfile(folder):
+            raise FileNotFoundError(f"{folder}: is a file; expected a Qwen3-VL checkpoint folder as downloaded from the Hub")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: not found; expected a Qwen3-VL checkpoint folder as downloaded from the Hub")
         return cls.from_dict(read_json(path), where=path)
@@ -550,10 +552,20 @@ def read_checkpoint_index(folder):
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     single = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(single):
-        present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+        present = (sorted(os.listdir(folder)) if os.path.isdir(folder) else
+                   "a file, not a folder" if os.path.exists(folder) else "folder does not exist")
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                                 f"(found: {present}); only safetensors checkpoints are loaded")
     return {k: single for k in _safetensor_keys(single)}
+
+
+def load_safetensors(path):
+    """{name: tensor} of a safetensors file (CPU); a truncated or garbled file is a ValueError naming it."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
 
 
 def _safetensor_keys(path):
@@ -766,7 +778,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: tokenizer.json not found")
-        self.tok = HFTokenizer.from_file(path)
+        try:
+            self.tok = HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{path}: not a tokenizer.json the tokenizers package can read ({e})") from None
 
     def encode(self, text):
         """Text -> ids, as text: a special token's spelling in it ("<|im_end|>", "<|image_pad|>") stays
