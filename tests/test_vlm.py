@@ -544,6 +544,9 @@ def test_missing_folder_and_config_are_named(tmp_path):
     json.dump(vlm.Config().to_dict(), open(tmp_path / "empty" / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         vlm.load_model(str(tmp_path / "empty"))
+    (tmp_path / "weights.safetensors").write_bytes(b"")  # a file given where a folder belongs
+    with pytest.raises(FileNotFoundError, match=r"weights\.safetensors: is a file; expected a Qwen3-VL checkpoint folder"):
+        vlm.load_model(str(tmp_path / "weights.safetensors"))
 
 
 def test_config_reads_rope_scaling_and_rope_parameters_alike():
