@@ -516,3 +516,17 @@ def test_plot_draws_each_runs_held_out_curve(tmp_path, capsys):
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval": \n')
     with pytest.raises(ValueError, match=r"a/metrics.jsonl:1: malformed JSON"):
         grpo.eval_curve(str(tmp_path / "a"))
+
+
+def test_sequence_mean_skips_sequences_with_no_completion_token():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    loss, _ = grpo.grpo_loss(logp, logp, None, torch.tensor([1.0, 5.0]), mask, aggregation="sequence-mean")
+    assert loss.item() == pytest.approx(-1.0)  # the empty row is not a sequence of loss 0
+
+
+def test_clip_frac_counts_only_tokens_whose_clip_binds():
+    old, logp = torch.zeros(1, 2), torch.log(torch.tensor([[1.5, 1.5]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert grpo.grpo_loss(logp, old, None, torch.tensor([-1.0]), mask)[1]["clip_frac"] == 0.0  # ratio 1.5, A < 0: unclipped
+    assert grpo.grpo_loss(logp, old, None, torch.tensor([1.0]), mask)[1]["clip_frac"] == 1.0

@@ -431,3 +431,28 @@ def test_peft_holds_exactly_the_lora_weights_we_exported(tmp_path):
 def test_the_module_docstring_example_runs():
     result = doctest.testmod(lora)
     assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
+
+
+def test_dropout_never_touches_the_base_path():
+    base = nn.Linear(8, 8)
+    layer = LoRALinear(base, r=2, alpha=4, dropout=0.5).train()
+    x = torch.randn(4, 8)
+    assert torch.equal(layer(x), base(x))  # B = 0: only the base path is left, and it is not dropped
+
+
+def test_load_refuses_an_adapter_saved_with_another_rslora_setting(tmp_path):
+    a, b = toy(), toy()
+    lora.inject_lora(a, r=2, alpha=4, targets=["0"], use_rslora=True)
+    lora.inject_lora(b, r=2, alpha=4, targets=["0"], use_rslora=False)
+    lora.save_lora(a, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ValueError, match="use_rslora"):
+        lora.load_lora(b, str(tmp_path / "a.safetensors"))
+
+
+def test_adapter_disabled_leaves_a_disabled_adapter_disabled():
+    m = toy()
+    lora.inject_lora(m, r=2, alpha=4, targets=["0"])
+    lora.set_adapter_enabled(m, False)
+    with adapter_disabled(m):
+        pass
+    assert not m[0].enabled

@@ -294,3 +294,72 @@ def test_readme_api_example_runs(folder, tmp_path):
     want = rm.score(images=[img], prompt="What color is the circle?",
                     responses=["It is red.", "Blue.", "red, I think"], mode="joint")
     assert len(scores) == 3 and np.allclose(scores, want, atol=1e-6)
+
+
+# --- pinned by a mutation audit: changes no other test noticed ---------------------------------------
+
+
+def test_joint_pack_positions_are_the_whole_sequences_rope_positions(rm):
+    # after an image the text continues from the largest prompt position + 1, not from the token count
+    p = rm.encode("What?", ["red", "two blue"], images=[image(64, 40, 1)], mode="joint")
+    assert torch.equal(p.position_ids, vlm.rope_positions(p.input_ids, p.grid_thw, rm.backbone.cfg))
+
+
+def test_packs_that_exactly_fill_a_shared_row_score_as_if_alone(rm):
+    packs = [rm.encode("Q", ["red circle"], mode="joint"), rm.encode("Q", ["blue square"], mode="joint")]
+    n = len(packs[0].input_ids)
+    assert len(packs[1].input_ids) == n
+    shared = mrrm.collate(packs, "joint", row_tokens=2 * n)
+    assert shared.input_ids.shape[0] == 1 and not shared.causal  # one row: the packs must not see each other
+    with torch.no_grad():
+        assert torch.allclose(rm(shared), rm(mrrm.collate(packs, "joint")), atol=1e-5)
+
+
+def test_a_pack_that_exactly_fills_the_room_left_joins_the_row():
+    assert mrrm.place([2, 2, 3], 4) == [[0, 1], [2]]
+
+
+def test_score_valid_marks_exactly_each_packs_responses(rm):
+    packs = [rm.encode("Q", ["a"] * n, mode="joint") for n in (1, 3, 2)]
+    assert mrrm.collate(packs, "joint").score_valid.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
+
+
+def test_every_query_attends_at_least_itself(rm):
+    # a padded row with no key would be softmax over nothing: 0 on this CPU kernel, NaN on others
+    packs = [rm.encode(f"Q{i}", ["red"] * (i + 1), mode="joint") for i in range(4)]
+    for mode in mrrm.MODES:
+        assert mrrm.collate(packs, mode, row_tokens=40).mask.diagonal(dim1=1, dim2=2).all()
+
+
+def test_the_ce_plus_pl_loss_weighs_plackett_luce_by_the_documented_half():
+    s, r, v = torch.tensor([[0.3, -0.2, 1.1, 0.0]]), torch.tensor([[3, 1, 2, 4]]), torch.ones(1, 4, dtype=torch.bool)
+    want = mrrm.listwise_ce_loss(s, r, v)[0] + 0.5 * mrrm.plackett_luce_loss(s, r, v)[0]
+    assert torch.allclose(mrrm.LOSSES["ce+pl"](s, r, v)[0], want)
+
+
+@pytest.mark.parametrize("fn", [mrrm.listwise_ce_loss, mrrm.plackett_luce_loss])
+def test_a_loss_under_any_validity_mask_is_the_loss_of_the_valid_entries(fn):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        s, ranks = torch.randn(1, 6, generator=g), torch.randint(1, 4, (1, 6), generator=g)
+        valid = torch.rand(1, 6, generator=g) < 0.6
+        valid[0, int(torch.randint(0, 6, (1,), generator=g))] = True
+        ranks[~valid] = 0  # a padding slot ranked above every real response must still not count
+        keep = valid[0]
+        want = fn(s[:, keep], ranks[:, keep], torch.ones(1, int(keep.sum()), dtype=torch.bool))[0]
+        assert torch.allclose(fn(s, ranks, valid)[0], want, atol=1e-5)
+
+
+def test_the_value_head_is_fc2_of_silu_of_fc1():
+    head = mrrm.ValueHead(8, 16)
+    h = torch.randn(3, 8)
+    assert torch.allclose(head(h), head.fc2(torch.nn.functional.silu(head.fc1(h))).squeeze(-1))
+
+
+def test_independent_scores_averaged_over_several_orders_equal_one_order(rm):
+    # each response's score is unaffected by the others there: any order must put it back in its place
+    s = mrrm.Sample(id="a", prompt="What?", responses=["red", "blue circle", "two", "green one"],
+                    rankings=[1, 2, 3, 4], images=[], videos=[], category="", where="x")
+    one = mrrm.evaluate(rm, [s], "independent", orders=1)[1][0]
+    four = mrrm.evaluate(rm, [s], "independent", orders=4)[1][0]
+    assert np.allclose(one, four, atol=1e-5)

@@ -694,3 +694,35 @@ def test_threads_sets_torchs_cpu_threads(world, tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- pinned by a mutation audit: changes no other test noticed ---------------------------------------
+
+
+def test_pairwise_accuracy_is_pooled_over_all_pairs_not_averaged_per_sample():
+    rows = [dict(mrrm.sample_metrics([3, 2, 1, 0], [1, 2, 3, 4]), category=""),  # 6 of 6 pairs
+            dict(mrrm.sample_metrics([0, 1], [1, 2]), category="")]  # 0 of 1
+    assert mrrm.summarize(rows)["pairwise"] == pytest.approx(6 / 7)
+
+
+def test_each_epoch_visits_every_sample_once_in_a_new_order():
+    n = 20
+    epochs = [[mrrm.sample_order(n, e * n + i, 0)[0] for i in range(n)] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n)) and epochs[0] != epochs[1]
+
+
+def test_keep_checkpoints_keeps_exactly_the_newest_k(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p])
+    for step in range(1, 5):
+        mrrm.save_checkpoint(str(tmp_path), step, {"p": p}, opt, {}, keep=2)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")) == ["checkpoint-000003", "checkpoint-000004"]
+
+
+def test_micro_batches_do_not_change_the_gradient(world, tmp_path):
+    # Adam hides the loss's scale from the weights; the logged gradient norm does not
+    norms = []
+    for micro in ("2", "4"):
+        mrrm.main(args_for(world, tmp_path / micro, "--steps", "1", "--heldout", "", "--export", "off", "--micro-batch", micro))
+        norms.append(json.loads((tmp_path / micro / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4), norms

@@ -667,3 +667,15 @@ def test_a_frame_folder_is_read_in_natural_order(tmp_path):
         Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"frame_{i}.png")
     frames, _ = vlm.load_video_frames(str(tmp_path))
     assert [f.getpixel((0, 0))[0] // 20 for f in frames] == [1, 2, 10, 11]
+
+
+def test_a_chunk_after_a_filled_cache_equals_the_same_tokens_in_one_pass(tiny):
+    # a multi-token chunk on top of the cache (chunked prefill) must continue at the cache's length
+    model = vlm.load_model(tiny).eval()
+    ids = torch.randint(20, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = vlm.KVCache(model.cfg.text, 1, 12, torch.float32, "cpu")
+        model(ids[:, :5], cache=cache)
+        rest = model(ids[:, 5:], cache=cache)
+    assert torch.allclose(rest, full[:, 5:], atol=1e-5)
