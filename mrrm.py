@@ -1213,8 +1213,11 @@ def train(args):
     except BaseException as e:
         if step > saved and not updating:
             folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
-            fix = "fix or remove the record named below, or add --skip-bad; then " if isinstance(e, ValueError) else ""
-            print(f"stopped during step {step + 1}; saved {folder}: {fix}--resume continues from there", file=sys.stderr)
+            then = ("--resume would diverge again (it keeps --lr and --clip): start over with other settings"
+                    if isinstance(e, FloatingPointError) else
+                    "fix or remove the record named below, or add --skip-bad; then --resume continues from there"
+                    if isinstance(e, ValueError) else "--resume continues from there")
+            print(f"stopped during step {step + 1}; saved {folder}: {then}", file=sys.stderr)
         raise
 
     extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),

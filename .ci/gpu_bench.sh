@@ -2,7 +2,7 @@
 # The whole GPU bench in one go (bf16, random weights of the real sizes), the goal figures first: a run
 # cut short by the device's time limit loses the least. The runs' timeouts add up to about 17 minutes
 # (the earlier eager-only script took 4-6 on one H100); where one call gets less, split it with ONLY=.
-# Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]
+# Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]   (DRY=1 bash .ci/gpu_bench.sh: a CPU rehearsal)
 # Each run is capped by `timeout`, and a failing run (or an OOM row inside a run) is reported and skipped.
 set -u
 OUT=${1:-${OUT:-bench_out}}
@@ -25,26 +25,28 @@ run() {  # name, seconds, bench arguments...
   return 0
 }
 
-IMG="--image-tokens 1024 --prompt-len 50"
+# DRY=1: the same runs at toy sizes on the CPU (about 3 minutes), to check the script before a GPU session
+if [ -n "${DRY:-}" ]; then B4=tiny B2=tiny IT=64 R256=32 R128=32 NEW=16; else B4=4b B2=2b IT=1024 R256=256 R128=128 NEW=256; fi
+IMG="--image-tokens $IT --prompt-len 50"
 # the two goal figures first, each ours with torch.compile against transformers (+ peft) in the same run:
 # the LoRA train step, 4B: 1,024 + 50 + 4 x (256 + separator) = 2,102 tokens, activation checkpointing
 # (--profile: each row's top operators by GPU time, where the milliseconds go)
-run train_4b_r16_compile 240 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 2 --repeats 3 --compile --profile 15
+run train_4b_r16_compile 240 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 16 --warmup 2 --repeats 3 --compile --profile 15
 # the packed forward, 4B: 1,024-token image + 50 prompt tokens + 4 x (128 + separator)
-run fwd_4b_n4_compile 180 --config 4b $IMG --n 4 --resp-len 128 --warmup 3 --repeats 5 --compile --no-flex --profile 15
+run fwd_4b_n4_compile 180 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 3 --repeats 5 --compile --no-flex --profile 15
 # the same two eager; r = 128 (the paper's rank: the 24 GB goal)
-run train_4b_r16 100 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 16 --warmup 1 --repeats 3 --profile 15
-run fwd_4b_n4 100 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5 --no-flex
-run train_4b_r128 60 --config 4b $IMG --n 4 --resp-len 256 --train --lora-r 128 --warmup 1 --repeats 3 --no-transformers
+run train_4b_r16 100 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 16 --warmup 1 --repeats 3 --profile 15
+run fwd_4b_n4 100 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --no-flex
+run train_4b_r128 60 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 128 --warmup 1 --repeats 3 --no-transformers
 # GRPO step: 2B policy + 4B reward model, G = 8 completions of 256 tokens, one 1,024-token image
-only grpo_2b_4b && echo && echo "=== grpo_2b_4b ===" && timeout 100 python3 grpo.py --bench 2b:4b -G 8 --max-new-tokens 256 --bench-image-tokens 1024 --grad-ckpt 2>"$OUT/grpo.err" \
+only grpo_2b_4b && echo && echo "=== grpo_2b_4b ===" && timeout 100 python3 grpo.py --bench $B2:$B4 -G 8 --max-new-tokens $NEW --bench-image-tokens $IT --grad-ckpt 2>"$OUT/grpo.err" \
   || { echo "FAILED grpo_2b_4b"; tail -n 5 "$OUT/grpo.err"; }
 # independent mode through FlexAttention block masks (compiled: the first call pays for it), same N = 4 input
-run fwd_4b_n4_flex 90 --config 4b $IMG --n 4 --resp-len 128 --warmup 2 --repeats 5 --flex --no-transformers
+run fwd_4b_n4_flex 90 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --flex --no-transformers
 # GRPO-style decoding, 2B: G = 8 samples of 256 tokens from one prefill vs re-running the full forward
-run gen_2b_g8 100 --config 2b $IMG --generate --samples 8 --new-tokens 256 --nocache-steps 16 --warmup 1 --repeats 2
+run gen_2b_g8 100 --config $B2 $IMG --generate --samples 8 --new-tokens $NEW --nocache-steps 16 --warmup 1 --repeats 2
 # the same forward with N = 8 (packing's gain grows with N); transformers left out to save time
-run fwd_4b_n8 60 --config 4b $IMG --n 8 --resp-len 128 --warmup 2 --repeats 5 --no-transformers
+run fwd_4b_n8 60 --config $B4 $IMG --n 8 --resp-len $R128 --warmup 2 --repeats 5 --no-transformers
 
 echo; echo "=== all runs: one table (figures also in $OUT/*.json) ==="
 python3 - "$OUT" <<'EOF'
