@@ -3,6 +3,7 @@
 The reference is an oracle for tests only: every test that needs it skips when transformers is not
 installed, and CI installs it."""
 
+import itertools
 import json
 import os
 import shutil
@@ -679,3 +680,24 @@ def test_a_chunk_after_a_filled_cache_equals_the_same_tokens_in_one_pass(tiny):
         model(ids[:, :5], cache=cache)
         rest = model(ids[:, 5:], cache=cache)
     assert torch.allclose(rest, full[:, 5:], atol=1e-5)
+
+
+def test_attention_mask_equals_its_definition_entry_by_entry():
+    # the docstring's rule, one (query, key) at a time: causal, not a padding key, prompt or own
+    # response in independent mode, and always itself
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        B, T = 2, 9
+        k_index = torch.arange(T).expand(B, T)
+        q_index = k_index[:, -5:]  # the last 5 as queries, as cached decoding has them
+        k_valid = torch.rand(B, T, generator=g) < 0.8
+        k_segment = torch.randint(0, 3, (B, T), generator=g)
+        q_segment = k_segment[:, -5:]
+        for segments in ((None, None), (q_segment, k_segment)):
+            got = vlm.attention_mask(q_index, k_index, k_valid, *segments)
+            for b, i, j in itertools.product(range(B), range(5), range(T)):
+                qi, kj = int(q_index[b, i]), int(k_index[b, j])
+                want = kj <= qi and bool(k_valid[b, j])
+                if segments[0] is not None:
+                    want = want and int(k_segment[b, j]) in (0, int(q_segment[b, i]))
+                assert bool(got[b, i, j]) == (want or kj == qi), (b, i, j, segments[0] is None)
