@@ -201,7 +201,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.fc1.bias), nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h):
-        return self.fc2(F.silu(self.fc1(h.float()))).squeeze(-1)
+        # autocast off: under CUDA's bf16 autocast fc1 and fc2 would run in bf16 and round the scores
+        with torch.autocast(h.device.type, enabled=False):
+            return self.fc2(F.silu(self.fc1(h.float()))).squeeze(-1)
 
 
 def best_target(ranks, valid):
@@ -308,7 +310,8 @@ class RewardModel(nn.Module):
         """Scores of N responses to one prompt, from one forward pass; mode None: the trained one."""
         mode = mode or self.mode
         p = self.encode(prompt, list(responses), images, videos, mode)
-        return self(collate([p], mode))[0, :len(responses)].tolist()
+        with precision(self.device.type)[1]:  # as train and eval run it: the same scores from each
+            return self(collate([p], mode))[0, :len(responses)].tolist()
 
     # --- saving and loading (adapter + head + settings; the backbone stays where it is) ---
 
@@ -1477,12 +1480,17 @@ def profile_once(fn, device, label, top):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        sync(device)
     where = "device" if device.type == "cuda" else "cpu"
+    try:  # a profiler that fails (no CUPTI, out of memory) must not cost the row its timings
+        with torch.profiler.profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        table = prof.key_averages().table(sort_by=f"self_{where}_time_total", row_limit=top)
+    except Exception as e:
+        print(f"--- profile: {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return
     print(f"--- profile: {label}, one call, top {top} operators by self {where} time")
-    print(prof.key_averages().table(sort_by=f"self_{where}_time_total", row_limit=top))
+    print(table)
 
 
 def matmul_peak_tflops(device, dtype, repeats=5):
@@ -1546,7 +1554,7 @@ def transformers_score_fn(hf, head, batch, device, mode):
     return run
 
 
-def bench_forward(args, model, sep_id, device, dtype, peak):
+def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows: None):
     cfg, gen = model.cfg, torch.Generator().manual_seed(0)
     ids, pos, pixels, grid = synthetic_prompt(cfg, args.image_tokens, args.prompt_len, gen)
     responses = [torch.randint(20, min(cfg.text.vocab_size, 150_000), (args.resp_len,), generator=gen).tolist()
@@ -1584,6 +1592,7 @@ def bench_forward(args, model, sep_id, device, dtype, peak):
         finally:
             model.attn_impl = "sdpa"
         rows.append(row)
+        progress(rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for mode in MODES if hf is not None else ():
@@ -1599,6 +1608,7 @@ def bench_forward(args, model, sep_id, device, dtype, peak):
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
+        progress(rows)
     add_speedups(rows, next((r for r in rows if r["row"] == "sequential"), None), "ms")
     ref = {"batched": "sequential", "independent": "sequential", "independent flex": "sequential",
            "transformers joint": "joint", "transformers independent": "sequential"}
@@ -1646,9 +1656,12 @@ def train_inputs(args, cfg, sep_id, device):
 def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, peak, impl):
     """One row: median time of forward -> listwise CE -> backward -> AdamW, and its FLOPs and memory."""
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as `train` and grpo.py step
+    autocast = precision(device.type)[1]  # as `train` runs it: bf16 autocast on CUDA (LoRA takes its bf16 path)
 
     def step():
-        loss, _ = listwise_ce_loss(forward().float(), ranks, valid)
+        with autocast:
+            scores = forward()
+        loss, _ = listwise_ce_loss(scores.float(), ranks, valid)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1779,6 +1792,9 @@ def add_speedups(rows, base, key):
 
 
 def print_table(title, rows):
+    if not rows:
+        print(f"{title}\n(no rows)")
+        return
     cols = ["row"] + [c for c in ("tokens", "ms", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
                                   "speedup", "mem GiB", "max_diff", "same tokens", "trainable M") if any(c in r for r in rows)]
     fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s")
@@ -1810,8 +1826,15 @@ def bench(args):
           f"median of {args.repeats} after {args.warmup} warm-up" + (" | torch.compile" if args.compile else ""))
     out = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "source": source, "params_b": params,
            "device": device.type, "dtype": str(dtype), "peak_tflops": peak}
+
+    def save(section=None, rows=None):  # after every row: a run cut short by a time limit keeps what it measured
+        if section:
+            out[section] = rows
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
     if not args.train and not args.generate:
-        out["forward"] = bench_forward(args, model, sep_id, device, dtype, peak)
+        out["forward"] = bench_forward(args, model, sep_id, device, dtype, peak, lambda rows: save("forward", rows))
         print_table("forward: scores of N responses (TFLOP = useful, kernel TFLOP = what the kernels compute; "
                     "max_diff: scores vs sequential, transformers joint vs joint)", out["forward"])
     if args.generate:
@@ -1819,7 +1842,9 @@ def bench(args):
         print_table(f"decoding: {args.samples} samples x {args.new_tokens} tokens, temperature 1", out["generate"])
     if args.train:
         out["train"] = bench_train(args, model, sep_id, device, dtype, peak)
+        save()
         if args.transformers:
+            print_table("train step, ours (the reference follows)", out["train"])
             cfg = model.cfg
             del model  # freed first: the reference's peak memory must not include our copy
             if device.type == "cuda":
@@ -1828,9 +1853,7 @@ def bench(args):
             add_speedups(out["train"], out["train"][-1], "tok/s")
         print_table("train step: LoRA + value head, forward + backward + AdamW "
                     "(TFLOP: vision forward + 2 x decoder forward, recompute not counted)", out["train"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save()
     return out
 
 

@@ -488,6 +488,10 @@ class Qwen3VL(nn.Module):
     def compile_decoder(self):
         """torch.compile each decoder layer; the vision tower's data-dependent shapes would break the
         graph. A batch of new length recompiles once, then the layers run with dynamic shapes."""
+        # The layers share one compiled forward, which training meets in up to 7 variants (layer 0's input
+        # needs no grad, the others' does; a mask or none; evaluation without grad; the first, static,
+        # shape). Past dynamo's default limit of 8 it would fall back to eager without a word.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for layer in self.model.language_model.layers:
             layer.compile()
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU bench in one go (bf16, random weights of the real sizes), the goal figures first: a run
-# cut short by the device's time limit loses the least. The runs' timeouts add up to about 17 minutes
-# (the earlier eager-only script took 4-6 on one H100); where one call gets less, split it with ONLY=.
+# The whole GPU bench (bf16, random weights of the real sizes), the goal figures first: a run cut short
+# by the device's time limit loses the least, and each run writes its JSON after every row. The runs'
+# timeouts add up to about 17 minutes; a session with 15 minutes of device time and 10 per call runs it
+# in two calls (copy $OUT's *.json and the log out after each):
+#   ONLY="train_4b_r16_compile fwd_4b_n4_compile" bash .ci/gpu_bench.sh $OUT            # <= 7 minutes
+#   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT       # <= 7 minutes
 # Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]   (DRY=1 bash .ci/gpu_bench.sh: a CPU rehearsal)
 # Each run is capped by `timeout`, and a failing run (or an OOM row inside a run) is reported and skipped.
 set -u
@@ -39,8 +42,11 @@ run train_4b_r16 100 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 1
 run fwd_4b_n4 100 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --no-flex
 run train_4b_r128 60 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 128 --warmup 1 --repeats 3 --no-transformers
 # GRPO step: 2B policy + 4B reward model, G = 8 completions of 256 tokens, one 1,024-token image
-only grpo_2b_4b && echo && echo "=== grpo_2b_4b ===" && timeout 100 python3 grpo.py --bench $B2:$B4 -G 8 --max-new-tokens $NEW --bench-image-tokens $IT --grad-ckpt 2>"$OUT/grpo.err" \
-  || { echo "FAILED grpo_2b_4b"; tail -n 5 "$OUT/grpo.err"; }
+if only grpo_2b_4b; then
+  echo; echo "=== grpo_2b_4b ==="
+  timeout 100 python3 grpo.py --bench $B2:$B4 -G 8 --max-new-tokens $NEW --bench-image-tokens $IT --grad-ckpt 2>"$OUT/grpo.err" \
+    || { echo "FAILED grpo_2b_4b"; tail -n 5 "$OUT/grpo.err"; }
+fi
 # independent mode through FlexAttention block masks (compiled: the first call pays for it), same N = 4 input
 run fwd_4b_n4_flex 90 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --flex --no-transformers
 # GRPO-style decoding, 2B: G = 8 samples of 256 tokens from one prefill vs re-running the full forward

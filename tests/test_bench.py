@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import mrrm
 import vlm
 from mrrm import add_bench_args, attention_pairs, bench_model, forward_flops, synthetic_prompt
 from mrrm import collate, pack
@@ -191,3 +192,48 @@ def test_flex_attention_on_cuda_equals_sdpa(tiny):
         model.attn_impl = "flex"
         got = model(*args, return_hidden=True)
     assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_a_bench_cut_short_keeps_the_rows_it_finished_in_its_json(tiny, tmp_path, monkeypatch):
+    # a GPU session's time limit kills a run mid-way: what it measured must already be on disk
+    real, calls = mrrm.timed, []
+
+    def killed_on_the_third_row(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # the first call measures the matmul peak
+            raise KeyboardInterrupt("time limit")
+        return real(*a, **k)
+    monkeypatch.setattr(mrrm, "timed", killed_on_the_third_row)
+    path = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(["--model", tiny, "--no-flex", "--no-transformers", "--json", str(path)] + SIZES)
+    rows = json.loads(path.read_text())["forward"]
+    assert [r["row"] for r in rows] == ["sequential", "batched"] and all(r["ms"] > 0 for r in rows), rows
+
+
+def test_a_failing_profiler_costs_the_row_nothing(tiny, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("CUPTI unavailable")
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers", "--profile", "3"] + SIZES)
+    assert "error" not in out["train"][0] and out["train"][0]["ms"] > 0, out["train"]
+    assert "--- profile: train r=4 joint ckpt: failed (RuntimeError: CUPTI unavailable)" in capsys.readouterr().out
+
+
+def test_print_table_of_no_rows_says_so(capsys):
+    mrrm.print_table("all runs", [])
+    assert capsys.readouterr().out == "all runs\n(no rows)\n"
+
+
+def test_train_rows_run_under_the_autocast_train_uses(tiny, monkeypatch):
+    # on CUDA `train` runs bf16 autocast, and LoRA takes its bf16 path there: the timed step must too
+    cpu_bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    monkeypatch.setattr(mrrm, "precision", lambda device: (torch.float32, cpu_bf16))
+    seen, real = [], mrrm.score_fn
+
+    def recording(*a, **k):
+        fn = real(*a, **k)
+        return lambda: seen.append(torch.is_autocast_enabled("cpu")) or fn()
+    monkeypatch.setattr(mrrm, "score_fn", recording)
+    out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers"] + SIZES)
+    assert "error" not in out["train"][0] and seen and all(seen), (out["train"], seen)

@@ -363,3 +363,15 @@ def test_independent_scores_averaged_over_several_orders_equal_one_order(rm):
     one = mrrm.evaluate(rm, [s], "independent", orders=1)[1][0]
     four = mrrm.evaluate(rm, [s], "independent", orders=4)[1][0]
     assert np.allclose(one, four, atol=1e-5)
+
+
+def test_the_value_head_runs_in_fp32_under_bf16_autocast():
+    # as CUDA training runs it: autocast must not round the scores that are compared to bf16
+    head = mrrm.ValueHead(64, 32)
+    nn_init = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.fc2.weight.copy_(torch.randn(head.fc2.weight.shape, generator=nn_init))
+    h = torch.randn(5, 64, generator=nn_init).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(h)
+    assert got.dtype == torch.float32 and torch.equal(got, head(h))
