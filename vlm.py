@@ -563,27 +563,30 @@ def read_checkpoint_index(folder):
     return {k: single for k in _safetensor_keys(single)}
 
 
-def load_safetensors(path):
-    """{name: tensor} of a safetensors file (CPU); a truncated or garbled file is a ValueError naming it."""
-    from safetensors.torch import load_file
+def open_safetensors(path, device="cpu"):
+    """A safetensors file opened for reading. Opening reads its header (and checks the file's size
+    against it), so a truncated or garbled file is a ValueError naming it here; an error in a later
+    get_tensor is the device's (no CUDA, out of memory)."""
+    from safetensors import safe_open
     try:
-        return load_file(path)
+        return safe_open(path, framework="pt", device=str(device))
     except Exception as e:  # safetensors raises its own error type for bad headers and short files
         raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+
+
+def load_safetensors(path):
+    """{name: tensor} of a safetensors file, on the CPU."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _safetensor_keys(path):
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own error type for bad headers and short files
-        raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
+    with open_safetensors(path) as f:
+        return list(f.keys())
 
 
 def load_model(folder, dtype=torch.float32, device="cpu"):
     """Build Qwen3VL on the meta device and assign each tensor once, in `dtype` on `device`."""
-    from safetensors import safe_open
     cfg = Config.from_folder(folder)
     with torch.device("meta"):
         model = Qwen3VL(cfg)
@@ -597,15 +600,8 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
         if not os.path.isfile(path):
             problems.append(f"missing shard file: {path}")
             continue
-        # only opening reads the file's header (and checks its size against it): an error there is the
-        # file's; an error in get_tensor or .to() below is the device's (no CUDA, out of memory)
-        try:
-            f = safe_open(path, framework="pt", device=str(device))
-            names = list(f.keys())
-        except Exception as e:  # safetensors raises its own error type for bad headers and short files
-            raise ValueError(f"{path}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
-        with f:
-            for name in names:
+        with open_safetensors(path, device) as f:
+            for name in f.keys():
                 if name not in expected or where.get(name) != path:
                     continue
                 found.add(name)
