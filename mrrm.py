@@ -1958,8 +1958,6 @@ def parser():
                    "step; the first steps pay for compiling)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
-    t.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
     t.add_argument("--log-every", type=positive_int, default=50)
     t.add_argument("--eval-every", type=int, default=1000, help="evaluate on --heldout every K steps (0: only at the end)")
     t.add_argument("--eval-samples", type=int, default=0, help="evaluate on the first K held-out samples (0: all)")
@@ -1985,8 +1983,6 @@ def parser():
     e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--row-tokens", type=int, default=256, help="as in train")
     e.add_argument("--device", default="auto")
-    e.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
 
     s = sub.add_parser("score", help="score N responses to one prompt")
     s.add_argument("--model", default=None, help="backbone folder (default: the one --adapter was trained on)")
@@ -1997,8 +1993,9 @@ def parser():
     s.add_argument("--responses", nargs="+", required=True)
     s.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
     s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
+    for p in (t, e, s):  # run_cli applies it
+        p.add_argument("--threads", type=int, default=0,
+                       help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
     add_bench_args(sub)
     return ap
 
