@@ -591,9 +591,7 @@ def with_a_late_bad_record(world, tmp_path, kind):
     else:
         rec["prompt"] = "why " * 5000
     lines[2] = json.dumps(rec)
-    path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    return write_jsonl(tmp_path / "train.jsonl", lines)
 
 
 @pytest.mark.parametrize("kind, said", [("image", r":3: image: .*cut\.png: cannot be read as an image \(image file is truncated"),
