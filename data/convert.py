@@ -41,7 +41,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -83,11 +82,16 @@ def dense_ranks(values, higher_is_better):
     return [rank_of[v] for v in values]
 
 
+def _shown_order(key):
+    """True for about half the keys: show the responses in reverse. Published pairs list the preferred
+    response first, and a joint (multi-response) reward model would learn that position. A hash of
+    the sample's key decides, so the output is the same on every run. Not zlib.crc32: CRC is linear
+    in the key's bits, so keys differing only in a last digit ('q/0' .. 'q/3') all got one order."""
+    return hashlib.sha256(key.encode()).digest()[0] & 1
+
+
 def _chosen_rejected(chosen, rejected, key):
-    # Published pairs always list the chosen response first. A joint (multi-response) reward model
-    # would learn that position, so the order is swapped for about half the pairs, decided by a
-    # hash of the id so the output is the same on every run.
-    if zlib.crc32(key.encode()) & 1:
+    if _shown_order(key):
         return [rejected, chosen], [2, 1]
     return [chosen, rejected], [1, 2]
 
@@ -184,8 +188,10 @@ class Context:
 def vlrewardbench(obj, where, ctx):
     # Verified against the HF card MMInstruction/VL-RewardBench (README, 'Data Fields'): `id`,
     # `query`, `response` (list of two), `image` (HF Image: {"bytes", "path"}), `human_ranking`
-    # ("[0, 1] denotes the first one is preferred; [1, 0] the second"), `models`, `query_source`
-    # (WildVision, POVID, RLAIF-V, RLHF-V, MMMU-Pro, MathVerse). `image_path` is accepted too.
+    # ("[0, 1] denotes the first one is preferred; [1, 0] the second"), `models`, `query_source`.
+    # `image_path` (vl-rewardbench/VL_RewardBench data/data.jsonl) is accepted too. query_source
+    # becomes the category; in data.jsonl it names upstream sets (COCO, TextVQA, ...), and the
+    # benchmark's own six datasets come from the id (mrrm.vlrewardbench_dataset), as eval reports them.
     responses = _get(obj, "response", where, list)
     ranking = _get(obj, "human_ranking", where, list)
     if len(ranking) != len(responses) or not all(_is_int(r) for r in ranking):
@@ -194,8 +200,14 @@ def vlrewardbench(obj, where, ctx):
         image = ctx.image(obj["image"], where, "image")
     else:
         image = ctx.image(_get(obj, "image_path", where), where, "image_path")
-    sample = {"prompt": _get(obj, "query", where), "responses": responses,
-              "rankings": dense_ranks(ranking, higher_is_better=False), "image": image}
+    rankings = dense_ranks(ranking, higher_is_better=False)
+    # the published file lists the preferred response first in nearly every record (the benchmark's
+    # own inference script shuffles them): reverse about half, keyed like rlaifv's swap
+    query = _get(obj, "query", where)
+    key = str(obj["id"]) if obj.get("id") is not None else query + "\n" + "\n".join(map(str, responses))
+    if _shown_order(key):
+        responses, rankings = responses[::-1], rankings[::-1]
+    sample = {"prompt": query, "responses": responses, "rankings": rankings, "image": image}
     return [_optional(sample, category=obj.get("query_source"), id=obj.get("id"))]
 
 

@@ -50,7 +50,8 @@ VLRB = {"id": "RLAIF-V-7", "query": "How many cats?", "response": ["Two cats.", 
 
 def test_vlrewardbench_turns_human_ranking_zero_into_rank_one(tmp_path):
     _, [s], _ = run(tmp_path, "vlrewardbench", [VLRB])
-    assert s["rankings"] == [2, 1], f"human_ranking [1, 0] should give rankings [2, 1], got {s['rankings']}"
+    assert best(s) == "Three cats." and sorted(s["rankings"]) == [1, 2], \
+        f"human_ranking [1, 0] prefers the second response; got {s['responses']} ranked {s['rankings']}"
     assert (s["prompt"], s["image"], s["category"], s["id"]) == ("How many cats?", "img/7.jpg", "RLAIF-V", "RLAIF-V-7")
 
 
@@ -114,6 +115,27 @@ def test_chosen_is_not_always_shown_first(tmp_path):
     first = sum(s["rankings"] == [1, 2] for s in out)
     assert 8 <= first <= 32, f"chosen shown first in {first}/40 samples; expected about half"
     assert all(best(s) == "good" for s in out), "the chosen response must keep rank 1"
+
+
+def test_vlrewardbench_preferred_response_is_not_always_shown_first(tmp_path):
+    # as published, nearly every record lists the preferred response first
+    recs = [dict(VLRB, id=f"RLAIF-V-{i}", human_ranking=[0, 1]) for i in range(40)]
+    _, out, _ = run(tmp_path, "vlrewardbench", recs)
+    first = sum(s["rankings"] == [1, 2] for s in out)
+    assert 8 <= first <= 32, f"preferred shown first in {first}/40 samples; expected about half"
+    assert all(best(s) == "Two cats." for s in out), "the preferred response must keep rank 1"
+    again = run(tmp_path, "vlrewardbench", recs)[1]
+    assert again == out, "the order must be the same on every run"
+
+
+def test_pairs_sharing_an_id_are_ordered_independently(tmp_path):
+    # each id's pairs are keyed id/0, id/1, ...: a CRC of such keys gave all pairs of an id one order
+    recs = [{"id": f"q{i}", "image": "a.png", "prompt": "p", "chosen": "c", "rejected": f"r{k}"}
+            for i in range(60) for k in range(4)]
+    _, out, _ = run(tmp_path, "mmrlhf", recs)
+    firsts = [[s["rankings"] == [1, 2] for s in out[4 * i:4 * i + 4]] for i in range(60)]
+    same = sum(len(set(f)) == 1 for f in firsts)
+    assert same <= 20, f"{same} of 60 ids show all four pairs in one order (independent orders: about 7)"
 
 
 def test_rlaifv_order_without_idx_does_not_depend_on_the_input_file_name(tmp_path):
