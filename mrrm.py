@@ -844,9 +844,16 @@ def sample_metrics(scores, ranks):
             conc += ds * dr > 0
             disc += ds * dr < 0
     n0 = n * (n - 1) / 2
-    denom = math.sqrt((n0 - tie_s) * (n0 - tie_r))
-    return {"best": float(best), "pairs": pairs, "pairs_right": right,
-            "tau": (conc - disc) / denom if denom else float("nan"), "exact": float(right == pairs)}
+    # tau-b is undefined when either side is all ties. All rankings tied: nothing to order, the sample is
+    # left out of the mean (NaN). All scores tied: the model ordered nothing, which counts 0 (leaving it
+    # out would let a model that scores everything equal lift its own mean tau).
+    if n0 == tie_r:
+        tau = float("nan")
+    elif n0 == tie_s:
+        tau = 0.0
+    else:
+        tau = (conc - disc) / math.sqrt((n0 - tie_s) * (n0 - tie_r))
+    return {"best": float(best), "pairs": pairs, "pairs_right": right, "tau": tau, "exact": float(right == pairs)}
 
 
 def summarize(rows):
@@ -868,22 +875,40 @@ def summarize(rows):
 PROTOCOLS = ("default", "vlrewardbench", "mmrewardbench", "mmrlhf", "mr2bench")
 
 
-def mean_by(rows, key):
-    """Mean `best` of the rows in each group key(row), groups sorted by name."""
+def group_by(rows, key):
+    """{name: rows} for the groups key(row), sorted by name (a row with no category goes to '-')."""
     groups = {}
     for r in rows:
-        groups.setdefault(key(r), []).append(r["best"])
-    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+        k = key(r)
+        groups.setdefault("-" if k is None else str(k), []).append(r)
+    return dict(sorted(groups.items()))
 
 
-def vlrewardbench_domain(sample_id):
-    """VL-RewardBench's domain of a sample, read from its id's source prefix (the text before the first
-    '_' or '-') as the benchmark's own scoring script does: RLAIF-V, RLHF-V and POVID ('hallucination_')
-    are hallucination, MathVerse and MMMU-Pro reasoning, WildVision and VLFeedback general."""
-    prefix = re.split(r"[_-]", str(sample_id), maxsplit=1)[0]
-    if prefix in ("RLAIF", "RLHF", "hallucination"):
-        return "hallucination"
-    return "reasoning" if prefix in ("mathverse", "mmmu") else "general"
+def mean_by(rows, key):
+    """Mean `best` of the rows in each group key(row)."""
+    return {k: sum(r["best"] for r in g) / len(g) for k, g in group_by(rows, key).items()}
+
+
+# VL-RewardBench's scoring script (cal.py) groups samples by dataset (the image folder) and datasets into
+# three domains. The published ids start with the source: RLAIF-V-, RLHF-V-, hallucination_pair- (POVID),
+# mathverse_, mmmu_pro_, wildvision-battle-; the rest (LRVInstruction-, ...) are the VLFeedback set.
+VLRB_DATASET_OF_PREFIX = {"RLAIF": "rlaif-v", "RLHF": "rlhf-v", "hallucination": "povid",
+                          "mathverse": "reasoning_tasks", "mmmu": "reasoning_tasks", "wildvision": "wildvision-battle"}
+VLRB_DOMAIN_OF_DATASET = {"rlaif-v": "hallucination", "rlhf-v": "hallucination", "povid": "hallucination",
+                          "reasoning_tasks": "reasoning", "wildvision-battle": "general", "vlfeedback": "general"}
+
+
+def vlrewardbench_dataset(sample_id):
+    """VL-RewardBench's dataset of a sample, from its id's prefix (the text before the first '_' or '-')."""
+    return VLRB_DATASET_OF_PREFIX.get(re.split(r"[_-]", str(sample_id), maxsplit=1)[0], "vlfeedback")
+
+
+def acc_plus(rows):
+    """MM-RLHF's ACC+: the share of ids (questions) whose pairs are all right."""
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], []).append(r["best"])
+    return sum(all(v) for v in by_id.values()) / len(by_id), len(by_id)
 
 
 def protocol_report(name, rows):
@@ -891,19 +916,23 @@ def protocol_report(name, rows):
     sample's `best` is its accuracy (equal scores count as wrong, as MM-RLHF asks)."""
     if name == "default":
         return summarize(rows)
-    if name in ("vlrewardbench", "mmrewardbench"):
-        out = {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows),
-               "per_category": mean_by(rows, lambda r: r["category"])}
-        if name == "vlrewardbench":  # the macro average is over its 3 domains, not its 6 sources
-            out["per_domain"] = mean_by(rows, lambda r: vlrewardbench_domain(r["id"]))
-            out["macro_average"] = sum(out["per_domain"].values()) / len(out["per_domain"])
-        return out
+    if name == "mmrewardbench":
+        return {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows),
+                "per_category": mean_by(rows, lambda r: r["category"])}
+    if name == "vlrewardbench":
+        # the macro average is over its 3 domains, not its 6 datasets (over the domains present: cal.py
+        # divides by 3 always, which only differs on a subset missing a domain)
+        dataset = lambda r: vlrewardbench_dataset(r["id"])
+        per_domain = mean_by(rows, lambda r: VLRB_DOMAIN_OF_DATASET[dataset(r)])
+        return {"n": len(rows), "overall_accuracy": sum(r["best"] for r in rows) / len(rows),
+                "macro_average": sum(per_domain.values()) / len(per_domain), "per_domain": per_domain,
+                "per_dataset": mean_by(rows, dataset)}
     if name == "mmrlhf":
-        by_id = {}
-        for r in rows:
-            by_id.setdefault(r["id"], []).append(r["best"])
-        return {"n": len(rows), "accuracy": sum(r["best"] for r in rows) / len(rows),
-                "acc_plus": sum(all(v) for v in by_id.values()) / len(by_id), "n_ids": len(by_id)}
+        plus, n_ids = acc_plus(rows)
+        per_category = {c: {"accuracy": sum(r["best"] for r in g) / len(g), "acc_plus": acc_plus(g)[0]}
+                        for c, g in group_by(rows, lambda r: r["category"]).items()}
+        return {"n": len(rows), "accuracy": sum(r["best"] for r in rows) / len(rows), "acc_plus": plus,
+                "n_ids": n_ids, "per_category": per_category}
     if name == "mr2bench":
         return {"n": len(rows), "best_of_n": sum(r["best"] for r in rows) / len(rows), **{
             k: v for k, v in summarize(rows).items() if k in ("pairwise", "kendall_tau", "per_category")}}

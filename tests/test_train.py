@@ -144,21 +144,37 @@ def test_ties_for_best_are_correct_and_equal_scores_are_not():
 def test_protocols_follow_each_benchmarks_rule():
     rows = [{"best": b, "category": c, "id": i} for b, c, i in
             [(1.0, "a", "x"), (0.0, "a", "x"), (1.0, "b", "y"), (1.0, "b", "z")]]
-    vl = mrrm.protocol_report("vlrewardbench", rows)
-    assert vl["overall_accuracy"] == 0.75 and vl["per_category"] == {"a": 0.5, "b": 1.0}
+    mb = mrrm.protocol_report("mmrewardbench", rows)
+    assert mb["overall_accuracy"] == 0.75 and mb["per_category"] == {"a": 0.5, "b": 1.0}
     mm = mrrm.protocol_report("mmrlhf", rows)
     assert mm["accuracy"] == 0.75 and mm["acc_plus"] == pytest.approx(2 / 3)  # id x has a wrong pair
+    # MM-RLHF's script reports accuracy and ACC+ per category (mcq, long, short, safety, video) too
+    assert mm["per_category"] == {"a": {"accuracy": 0.5, "acc_plus": 0.0}, "b": {"accuracy": 1.0, "acc_plus": 1.0}}
+    # a sample without a category is grouped, not a crash when names are sorted
+    none = mrrm.protocol_report("mmrewardbench", rows + [{"best": 1.0, "category": None, "id": "w"}])
+    assert none["per_category"] == {"-": 1.0, "a": 0.5, "b": 1.0}
+
+
+def test_tau_counts_a_sample_scored_all_equal_as_zero_not_left_out():
+    # one sample ranked perfectly, one where the model gave every response the same score
+    rows = [mrrm.sample_metrics([3.0, 2.0, 1.0], [1, 2, 3]), mrrm.sample_metrics([0.5, 0.5, 0.5], [1, 2, 3])]
+    assert [r["tau"] for r in rows] == [1.0, 0.0]
+    assert mrrm.summarize([dict(r, category="c") for r in rows])["kendall_tau"] == 0.5
+    assert math.isnan(mrrm.sample_metrics([0.1, 0.2], [1, 1])["tau"])  # nothing to order: left out
 
 
 def test_vlrewardbench_macro_average_is_over_its_three_domains_not_its_sources():
     # ids as the benchmark publishes them: the source is the prefix, and six sources make three domains
-    ids = ["RLAIF-V_1", "RLHF-V-2", "hallucination_pair_3", "mathverse_4", "mmmu_pro_5", "wildvision-battle_6",
-           "vlfeedback_7"]
+    ids = ["RLAIF-V-14", "RLHF-V-2", "hallucination_pair-3", "mathverse_4", "mmmu_pro_5", "wildvision-battle-6",
+           "LRVInstruction-000000007746"]
     best = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
-    rows = [{"best": b, "category": i.split("_")[0], "id": i} for b, i in zip(best, ids)]
+    rows = [{"best": b, "category": "COCO", "id": i} for b, i in zip(best, ids)]
     vl = mrrm.protocol_report("vlrewardbench", rows)
     assert vl["per_domain"] == {"general": 0.5, "hallucination": 1.0, "reasoning": 0.0}, vl["per_domain"]
     assert vl["macro_average"] == pytest.approx(0.5), vl  # the mean over the 7 source groups would be 4 / 7
+    # the datasets of its scoring script (its image folders), whatever the record's query_source says
+    assert vl["per_dataset"] == {"povid": 1.0, "reasoning_tasks": 0.0, "rlaif-v": 1.0, "rlhf-v": 1.0,
+                                 "vlfeedback": 0.0, "wildvision-battle": 1.0}, vl["per_dataset"]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
