@@ -40,6 +40,7 @@ the vocabulary-chunked log-softmax a 150k vocabulary would want.
 import argparse
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -78,9 +79,9 @@ def group_advantages(rewards, scale=True, eps=1e-4):
     adv = rewards - mean
     if scale:
         adv = adv / (std + eps)
-    zero = std.squeeze(-1) < 1e-6
-    # equal rewards: the float32 mean can be an ulp off the value, which / (std + eps) turns into
-    # advantages of +-3e-4; such a group carries no signal, so its advantages are exactly 0
+    # equal rewards carry no signal, so their advantages are exactly 0. Compared as values, not by std:
+    # the float32 mean can be an ulp off the value, so equal rewards near 14 have a std near 1e-6
+    zero = rewards.amax(-1) == rewards.amin(-1)
     adv = adv.masked_fill(zero[:, None], 0.0)
     return adv, {"reward_mean": rewards.mean().item(), "reward_std": std.mean().item(),
                  "zero_std_groups": int(zero.sum()), "zero_std_frac": zero.float().mean().item()}
@@ -341,6 +342,8 @@ def load_models(args, device):
     torch.manual_seed(args.seed)  # LoRA's A matrices start the same every run
     lora.inject_lora(policy, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     rm = mrrm.RewardModel.load(rm_model, adapter=args.rm or None, dtype=dtype, device=device)
+    if args.rm_mode is None:  # score the way the reward model was trained, as `mrrm.py score` does
+        args.rm_mode = rm.mode
     for p in rm.parameters():
         p.requires_grad_(False)
     return policy, proc, rm
@@ -429,6 +432,12 @@ def check_args(args):
         raise ValueError(f"--eval-prompts must be >= 0 (got {args.eval_prompts}; 0: no held-out evaluation)")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (got {args.top_k}; 0: no top-k cut)")
+    if not 0 <= args.top_p <= 1:
+        raise ValueError(f"--top-p must be between 0 and 1 (got {args.top_p}; 1: no top-p cut)")
+    if args.clip < 0:  # a negative max norm would flip every gradient: training would climb the loss
+        raise ValueError(f"--clip must be >= 0 (got {args.clip}; 0: no clipping)")
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1 (got {args.log_every})")
 
 
 def train(args):
@@ -535,6 +544,7 @@ def bench(args):
     the group three ways (joint, independent, G separate sequences), the reference pass (beta > 0)
     and one policy update. A warm-up step first; prints seconds per phase and the step's peak memory."""
     check_args(args)
+    args.rm_mode = args.rm_mode or "joint"  # random weights: no trained mode to follow
     device = mrrm.pick_device(args.device)
     dtype, autocast = mrrm.precision(device)
     sizes = args.bench.split(":")
@@ -622,7 +632,11 @@ def eval_curve(run):
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; expected a folder written by grpo.py")
-    points = {rec["step"]: rec["eval"]["acc_sampled"] for _, rec in mrrm.read_records(path) if "eval" in rec}
+    # a run killed mid-write leaves its last line cut: the finished lines still plot, as --resume keeps them
+    errors = []
+    points = {rec["step"]: rec["eval"]["acc_sampled"] for _, rec in mrrm.read_records(path, errors) if "eval" in rec}
+    for e in errors:
+        print(f"{e} (line skipped)", file=sys.stderr)
     if not points:
         raise ValueError(f"{path}: no held-out evaluations (was --eval-every 0?)")
     return sorted(points.items())
@@ -674,8 +688,9 @@ def parser():
     g.add_argument("--model", default=DEFAULT_MODEL, help="policy backbone folder (Hub layout); LoRA is trained on it")
     g.add_argument("--rm", default="runs/rm", help="reward model folder written by `mrrm.py train` ('' for a merged --rm-model)")
     g.add_argument("--rm-model", default="", help="the reward model's backbone folder (default: the one --rm was trained on, from its rm_config.json)")
-    g.add_argument("--rm-mode", choices=mrrm.MODES, default="joint",
-                   help="joint: one pass, responses see each other (the paper); independent: the single-response baseline")
+    g.add_argument("--rm-mode", choices=mrrm.MODES, default=None,
+                   help="joint: one pass, responses see each other (the paper); independent: the single-response "
+                        "baseline (default: the mode the reward model was trained in)")
     g.add_argument("--rm-shuffle", action=argparse.BooleanOptionalAction, default=False,
                    help="pack each group in a fresh random order (joint mode sees order; samples are i.i.d. already)")
     g.add_argument("--merge-duplicates", action=argparse.BooleanOptionalAction, default=True,

@@ -404,7 +404,10 @@ def _read_rm_config(folder):
     path = os.path.join(folder, "rm_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; expected a folder written by `mrrm.py train`")
-    return vlm.read_json(path)
+    config = vlm.read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -1152,6 +1155,8 @@ def train(args):
         raise ValueError(f"--independent-warmup {args.independent_warmup}: a fraction of the steps, 0 to 1")
     if not 0 < args.cooldown <= 1:
         raise ValueError(f"--cooldown {args.cooldown}: a fraction of the steps, above 0 and at most 1")
+    if args.clip < 0:  # a negative max norm would flip every gradient: training would climb the loss
+        raise ValueError(f"--clip {args.clip}: a gradient norm, at least 0 (0: no clipping)")
     accum = args.batch_size // args.micro_batch
     total = math.ceil(args.epochs * len(samples) / args.batch_size) if args.epochs else args.steps
     if total < 1:

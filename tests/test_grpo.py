@@ -114,6 +114,13 @@ def test_a_group_of_equal_rewards_gets_advantages_of_exactly_zero(scale):
     assert m["zero_std_groups"] == 1, m
 
 
+@pytest.mark.parametrize("value", [13.7, 123.4])
+def test_equal_rewards_of_any_size_get_advantages_of_exactly_zero(value):
+    # the float32 mean of eight equal rewards near 14 is an ulp off, a std of ~1e-6: not a signal
+    adv, m = grpo.group_advantages(torch.full((1, 8), value))
+    assert torch.equal(adv, torch.zeros(1, 8)) and m["zero_std_groups"] == 1, (adv.tolist(), m)
+
+
 def test_advantages_without_std_division_are_centred_rewards():
     rewards = torch.tensor([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
     adv, m = grpo.group_advantages(rewards, scale=False)
@@ -437,6 +444,9 @@ def test_the_split_seed_is_the_one_the_data_and_the_shipped_backbones_were_made_
     ("--eval-samples", "0", "--eval-samples must be >= 1 (got 0)"),
     ("--prompts-per-step", "0", "--prompts-per-step must be >= 1 (got 0)"),
     ("--top-k", "-1", "--top-k must be >= 0 (got -1"),
+    ("--top-p", "-0.5", "--top-p must be between 0 and 1 (got -0.5"),
+    ("--clip", "-1", "--clip must be >= 0 (got -1.0"),  # a negative max norm flips every gradient
+    ("--log-every", "0", "--log-every must be >= 1 (got 0)"),
     ("-G", "17", "--group-size 17: the reward model scores at most 16 responses"),
 ])
 def test_a_bad_setting_is_one_error_line_before_any_model_is_loaded(folder, rm_dir, tmp_path, monkeypatch, capsys,
@@ -480,6 +490,23 @@ def test_the_reward_model_loads_on_the_backbone_it_was_trained_on(folder, rm_dir
     assert "loss" in read_metrics(tmp_path / "run")[0]
 
 
+def test_reward_mode_defaults_to_the_mode_the_reward_model_was_trained_in(folder, rm_dir, tmp_path, capsys):
+    import shutil
+    rm = tmp_path / "rm"
+    shutil.copytree(rm_dir, rm)
+    cfg = json.loads((rm / "rm_config.json").read_text())
+    (rm / "rm_config.json").write_text(json.dumps({**cfg, "mode": "independent"}))
+    cli(folder, str(rm), tmp_path / "run", "--steps", "1", "--eval-every", "0")
+    assert "| mode independent |" in capsys.readouterr().out
+    cli(folder, str(rm), tmp_path / "run2", "--steps", "1", "--eval-every", "0", "--rm-mode", "joint")
+    assert "| mode joint |" in capsys.readouterr().out
+    (rm / "rm_config.json").write_text("[1, 2]")  # valid JSON, not an object
+    with pytest.raises(SystemExit):
+        cli(folder, str(rm), tmp_path / "run3", "--steps", "1")
+    err = capsys.readouterr().err
+    assert "rm_config.json: expected a JSON object, found list" in err and err.count("\n") == 1, err
+
+
 def test_bench_step_runs_every_phase_at_tiny_sizes():
     t = grpo.main(["--bench", "tiny:tiny", "-G", "3", "--max-new-tokens", "5", "--bench-image-tokens", "16",
                    "--threads", "1"])
@@ -513,9 +540,10 @@ def test_plot_draws_each_runs_held_out_curve(tmp_path, capsys):
     W, H = im.size
     x, y = W - 20, round(H - 44 - (H - 20 - 44) * 0.9)
     assert im.getpixel((x, y)) == (214, 39, 40)
-    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval": \n')
-    with pytest.raises(ValueError, match=r"a/metrics.jsonl:1: malformed JSON"):
-        grpo.eval_curve(str(tmp_path / "a"))
+    # a run killed mid-write: its last line is cut; the finished lines still plot and the cut one is named
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval": {"acc_sampled": 0.5}}\n{"step": 50, "eval": ')
+    assert grpo.eval_curve(str(tmp_path / "a")) == [(0, 0.5)]
+    assert "a/metrics.jsonl:2: malformed JSON" in capsys.readouterr().err
 
 
 def test_sequence_mean_skips_sequences_with_no_completion_token():
