@@ -307,7 +307,12 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, images=(), prompt="", responses=(), mode=None, videos=()):
-        """Scores of N responses to one prompt, from one forward pass; mode None: the trained one."""
+        """Scores of N responses to one prompt, from one forward pass; mode None: the trained one.
+        images: PIL images or image file paths; videos: frame folders, frame lists or files."""
+        for name, value in (("responses", responses), ("images", images), ("videos", videos)):
+            if isinstance(value, (str, os.PathLike)):  # a bare string would be read character by character
+                raise TypeError(f"{name}: expected a list, found the single {type(value).__name__} {str(value)[:40]!r}")
+        images = [read_image(i, "images") if isinstance(i, (str, os.PathLike)) else i for i in images]
         mode = mode or self.mode
         p = self.encode(prompt, list(responses), images, videos, mode)
         with precision(self.device.type)[1]:  # as train and eval run it: the same scores from each
@@ -753,13 +758,18 @@ def media_problems(images, videos, where):
     folder must hold frames, a video file other than a GIF needs PyAV."""
     from PIL import Image
     frames = [p for v in videos if isinstance(v, list) for p in v]
+    frames += [os.path.join(v, n) for v in videos if isinstance(v, str) and os.path.isdir(v) for n in vlm.frame_names(v)]
     problems = []
     for p in images + frames:
+        what = "image" if p in images else "video: frame"
         try:
-            with Image.open(p):
-                pass
-        except OSError as e:
-            problems.append(f"{where}: {'image' if p in images else 'video: frame'}: {p}: cannot be read as an image ({e})")
+            with Image.open(p) as im:
+                w, h = im.size
+        except (OSError, Image.DecompressionBombError) as e:  # a bomb (too many pixels) is not an OSError
+            problems.append(f"{where}: {what}: {p}: cannot be read as an image ({e})")
+            continue
+        if p in images and max(w, h) > 200 * min(w, h):
+            problems.append(f"{where}: image: {p}: {w}x{h}: aspect ratio above 200 is not supported by Qwen3-VL")
     for v in videos:
         if isinstance(v, list):
             continue
@@ -777,8 +787,8 @@ def read_image(path, where):
     `where` (a sample or a flag)."""
     try:
         return vlm.open_image(path)
-    except OSError as e:
-        raise ValueError(f"{where}: {path}: cannot be read as an image ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def open_images(sample):
@@ -795,7 +805,10 @@ class PromptCache:
     def __call__(self, s):
         if s.where in self.store:
             return self.store[s.where]
-        enc = self.rm.encode_prompt(s.prompt, open_images(s), s.videos, s.video_fps)
+        try:
+            enc = self.rm.encode_prompt(s.prompt, open_images(s), s.videos, s.video_fps)
+        except ValueError as e:  # a video frame that does not open, ...: the message names the record
+            raise (e if str(e).startswith(s.where) else ValueError(f"{s.where}: {e}")) from None
         size = sum(t.numel() * t.element_size() for t in enc if t is not None)
         if self.used + size <= self.budget:
             self.store[s.where], self.used = enc, self.used + size

@@ -715,10 +715,17 @@ def to_rgb(image):
 
 def open_image(path):
     """An image file as an upright RGB image: EXIF orientation applied (a camera stores the pixels
-    sideways plus a tag saying how to show them; transformers' load_image applies it too), then to_rgb."""
+    sideways plus a tag saying how to show them; transformers' load_image applies it too), then to_rgb.
+    A file that is not an image, is cut short, or is over Pillow's decompression-bomb limit (which is
+    not an OSError) is a ValueError naming it; a missing one stays FileNotFoundError."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        return to_rgb(ImageOps.exif_transpose(im))
+    try:
+        with Image.open(path) as im:
+            return to_rgb(ImageOps.exif_transpose(im))
+    except FileNotFoundError:
+        raise
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot be read as an image ({e})") from None
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the files of a frame folder

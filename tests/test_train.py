@@ -472,6 +472,28 @@ def test_an_unreadable_image_or_an_empty_frame_folder_is_a_bad_record_before_tra
     assert [s.where for s in mrrm.load_samples(path, skip_bad=True)] == [f"{path}:1"]
 
 
+def test_a_bad_frame_in_a_folder_an_extreme_aspect_and_a_decompression_bomb_are_bad_records(tmp_path, monkeypatch):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    Image.new("RGB", (201, 1)).save(tmp_path / "wide.png")  # Qwen3-VL refuses an aspect ratio above 200
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    (tmp_path / "clip").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "clip" / "frame_1.png")
+    (tmp_path / "clip" / "frame_2.png").write_bytes(b"not a png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # big.png is over twice that: Pillow refuses it
+    rec = {"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "image": "ok.png"}, {**rec, "image": "wide.png"},
+                                              {**rec, "video": "clip"}, {**rec, "image": "big.png"}])
+    with pytest.raises(ValueError) as e:
+        mrrm.load_samples(path)
+    msg = str(e.value)
+    assert "3 bad record(s)" in msg and ":2: image:" in msg and "201x1: aspect ratio above 200" in msg, msg
+    assert ":3: video: frame:" in msg and "frame_2.png: cannot be read as an image" in msg, msg
+    assert ":4: image:" in msg and "big.png: cannot be read as an image" in msg, msg
+    with pytest.raises(ValueError, match=r"--image: .*big\.png: cannot be read as an image"):
+        mrrm.read_image(str(tmp_path / "big.png"), "--image")
+
+
 def test_a_nan_score_never_counts_as_the_best():
     assert mrrm.sample_metrics([float("nan"), 0.2, 0.1], [2, 1, 3])["best"] == 0.0
     assert mrrm.sample_metrics([0.3, float("nan"), 0.1], [1, 2, 3])["best"] == 0.0
@@ -593,6 +615,18 @@ def test_save_then_load_gives_the_same_scores(world, tmp_path):
     assert np.allclose(rm.score(**args), again.score(**args), atol=1e-6)
 
 
+def test_score_takes_image_paths_and_refuses_a_bare_string_for_a_list(world, tmp_path):
+    from PIL import Image
+    rm = mrrm.RewardModel.load(str(world / "m"), head_hidden=32)
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    args = dict(prompt="What color is the circle?", responses=["Red.", "Blue."])
+    assert rm.score(images=[str(tmp_path / "a.png")], **args) == rm.score(images=[vlm.open_image(tmp_path / "a.png")], **args)
+    with pytest.raises(TypeError, match="responses: expected a list"):  # it scored each character
+        rm.score(prompt="q", responses="Red.")
+    with pytest.raises(TypeError, match="videos: expected a list"):
+        rm.score(prompt="q", responses=["a", "b"], videos=str(tmp_path))
+
+
 # --- problems that show only when a sample is used, and files that are not what they claim ----------
 
 
@@ -605,6 +639,12 @@ def with_a_late_bad_record(world, tmp_path, kind):
         data = (world / "d" / rec["image"]).read_bytes()
         (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
         rec["image"] = str(tmp_path / "cut.png")
+    elif kind == "frame":  # a video frame folder whose second frame is cut short after its header
+        data = (world / "d" / rec["image"]).read_bytes()
+        (tmp_path / "clip").mkdir()
+        (tmp_path / "clip" / "1.png").write_bytes(data)
+        (tmp_path / "clip" / "2.png").write_bytes(data[:len(data) // 2])
+        rec["video"] = str(tmp_path / "clip")
     else:
         rec["prompt"] = "why " * 5000
     lines[2] = json.dumps(rec)
@@ -612,6 +652,7 @@ def with_a_late_bad_record(world, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind, said", [("image", r":3: image: .*cut\.png: cannot be read as an image \(image file is truncated"),
+                                        ("frame", r":3: .*clip/2\.png: cannot be read as an image \(image file is truncated"),
                                         ("prompt", r":3: prompt \(\d+ tokens\) plus 4 separators exceed max_len=4096")])
 def test_a_record_found_bad_only_when_used_is_skipped_with_skip_bad_or_stops_the_run(world, tmp_path, capsys, kind, said):
     data = with_a_late_bad_record(world, tmp_path, kind)
