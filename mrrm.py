@@ -869,7 +869,8 @@ def sample_metrics(scores, ranks):
         tau = 0.0
     else:
         tau = (conc - disc) / math.sqrt((n0 - tie_s) * (n0 - tie_r))
-    return {"best": float(best), "pairs": pairs, "pairs_right": right, "tau": tau, "exact": float(right == pairs)}
+    return {"best": float(best), "pairs": pairs, "pairs_right": right, "tau": tau, "exact": float(right == pairs),
+            "responses": n}
 
 
 def summarize(rows):
@@ -885,6 +886,9 @@ def summarize(rows):
     cats = sorted({r["category"] for r in rows if r["category"]})
     if cats:
         out["per_category"] = {c: agg([r for r in rows if r["category"] == c]) for c in cats}
+    sizes = sorted({r["responses"] for r in rows})
+    if len(sizes) > 1:  # best-of-2 and best-of-4 have different chance levels (1/2, 1/4): also apart
+        out["per_n"] = {f"N={k}": agg([r for r in rows if r["responses"] == k]) for k in sizes}
     return out
 
 
@@ -951,7 +955,7 @@ def protocol_report(name, rows):
                 "n_ids": n_ids, "per_category": per_category}
     if name == "mr2bench":
         return {"n": len(rows), "best_of_n": sum(r["best"] for r in rows) / len(rows), **{
-            k: v for k, v in summarize(rows).items() if k in ("pairwise", "kendall_tau", "per_category")}}
+            k: v for k, v in summarize(rows).items() if k in ("pairwise", "kendall_tau", "per_category", "per_n")}}
     raise ValueError(f"unknown protocol {name!r}; choose from {PROTOCOLS}")
 
 

@@ -155,6 +155,16 @@ def test_protocols_follow_each_benchmarks_rule():
     assert none["per_category"] == {"-": 1.0, "a": 0.5, "b": 1.0}
 
 
+def test_samples_with_different_numbers_of_responses_are_also_reported_apart():
+    # the authors' file holds N-way rankings and pairs: one pooled best-of-N mixes chance 1/4 and 1/2
+    rows = [dict(mrrm.sample_metrics(sc, rk), category="", id=str(i)) for i, (sc, rk) in enumerate(
+        [([0.9, 0.1], [1, 2]), ([0.1, 0.9], [1, 2]), ([0.9, 0.5, 0.2, 0.1], [1, 2, 3, 4])])]
+    report = mrrm.protocol_report("mr2bench", rows)
+    assert report["best_of_n"] == pytest.approx(2 / 3)
+    assert {k: v["best_of_n"] for k, v in report["per_n"].items()} == {"N=2": 0.5, "N=4": 1.0}, report
+    assert "per_n" not in mrrm.summarize(rows[:2])  # one size: nothing to split
+
+
 def test_tau_counts_a_sample_scored_all_equal_as_zero_not_left_out():
     # one sample ranked perfectly, one where the model gave every response the same score
     rows = [mrrm.sample_metrics([3.0, 2.0, 1.0], [1, 2, 3]), mrrm.sample_metrics([0.5, 0.5, 0.5], [1, 2, 3])]
