@@ -916,8 +916,9 @@ class Processor:
     def encode_user(self, images=(), videos=(), text="", video_fps=None):
         """The user turn and the assistant header as (ids, rows, grids): Qwen3-VL's chat format
         `<|im_start|>user\\n[vision blocks]TEXT<|im_end|>\\n<|im_start|>assistant\\n`, no system prompt.
-        A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair; video_fps
-        is the frame rate of frame folders and lists (load_video_frames). The text between two special
+        A video is one `<t seconds><|vision_start|>pads<|vision_end|>` block per frame pair, as Qwen's
+        release code lays it out (transformers 5.10+ keeps one more vision_start/end around the blocks);
+        video_fps is the frame rate of frame folders and lists (load_video_frames). The text between two special
         tokens is encoded as one string, as tokenizing the whole template does: "user\\n" + a text that
         starts with "\\n" can merge into one "\\n\\n" token under Qwen's pre-tokenizer."""
         t = self.tok
