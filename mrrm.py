@@ -71,7 +71,9 @@ class Pack:
 
 def fit_lengths(lengths, budget):
     """Shorten the longest responses first until sum(lengths) <= budget: every response keeps
-    min(len, cap) tokens for the largest cap that fits (water-filling), never dropping one."""
+    min(len, cap) tokens for the largest cap that fits (water-filling), never dropping one. A response's
+    cut depends on the lengths alone, never on its place in the list: in independent mode its score
+    must not change when the order does."""
     if sum(lengths) <= budget:
         return list(lengths)
     lo, hi = 0, max(lengths)
@@ -80,10 +82,15 @@ def fit_lengths(lengths, budget):
         lo, hi = (mid, hi) if sum(min(l, mid) for l in lengths) <= budget else (lo, mid - 1)
     out = [min(l, lo) for l in lengths]
     spare = budget - sum(out)
-    for i in sorted(range(len(out)), key=lambda i: -lengths[i]):  # hand out what is left, longest first
-        if spare and out[i] < lengths[i]:
+    # hand out what is left, longest first, to all responses of one length or to none: giving it to the
+    # first of two equal responses would cut the same text two ways by where it stands
+    for n in sorted({l for l in lengths if l > lo}, reverse=True):
+        group = [i for i, l in enumerate(lengths) if l == n]
+        if len(group) > spare:
+            break
+        for i in group:
             out[i] += 1
-            spare -= 1
+        spare -= len(group)
     return out
 
 
@@ -270,6 +277,9 @@ class RewardModel(nn.Module):
             self.sep_token, self.sep_id = sep_token, processor.tokenizer.token_id(sep_token)
         except KeyError:
             raise ValueError(f"separator {sep_token!r} (--sep-token) is not a token of this tokenizer") from None
+        cfg = backbone.cfg
+        if self.sep_id in (cfg.image_token_id, cfg.video_token_id):  # the model fills those slots with pixels
+            raise ValueError(f"separator {sep_token!r} (--sep-token) is the image/video pad token; choose another")
         self.max_len, self.max_responses = max_len, max_responses
 
     @property

@@ -175,6 +175,27 @@ def test_fit_lengths_cuts_longest_first():
     assert mrrm.fit_lengths([10, 3, 7], 14) == [6, 3, 5]  # cap 5 fits 13; the spare token goes to the longest
     assert mrrm.fit_lengths([5, 5], 20) == [5, 5]
     assert mrrm.fit_lengths([9, 1], 2) == [1, 1]
+    # equal lengths are cut alike wherever they stand (the spare token went to the first listed)
+    assert mrrm.fit_lengths([6, 6], 11) == [5, 5] and mrrm.fit_lengths([6, 6, 3], 15) == [6, 6, 3]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = [int(n) for n in rng.integers(0, 9, int(rng.integers(1, 6)))]
+        budget = int(rng.integers(0, sum(lengths) + 2))
+        out = mrrm.fit_lengths(lengths, budget)
+        assert sum(out) <= budget
+        perm = rng.permutation(len(lengths))
+        assert [out[i] for i in perm] == mrrm.fit_lengths([lengths[i] for i in perm], budget), (lengths, budget)
+        # longest first: a longer response never keeps fewer tokens than a shorter one
+        assert all(out[i] >= out[j] for i in range(len(out)) for j in range(len(out)) if lengths[i] > lengths[j])
+
+
+def test_independent_scores_do_not_depend_on_the_order_when_responses_are_cut(rm):
+    rm.max_len = len(rm.encode("Q", ["red blue", "red blue"]).input_ids) - 1  # one token short
+    try:
+        ab = rm.score(prompt="Q", responses=["red blue", "red blue"], mode="independent")
+    finally:
+        rm.max_len = 4096
+    assert abs(ab[0] - ab[1]) <= 1e-5, f"the same response, cut to fit, scored {ab} by where it stands"
 
 
 def test_too_many_responses_and_hopeless_packs_are_clear_errors(rm):

@@ -559,7 +559,8 @@ def test_resume_drops_a_metrics_line_cut_short_by_the_kill(world, tmp_path, caps
 @pytest.mark.parametrize("flags, said", [(["--log-every", "0"], "--log-every: expected an integer of at least 1"),
                                          (["--micro-batch", "0"], "--micro-batch: expected an integer of at least 1"),
                                          (["--clip", "-1"], "--clip -1.0: a gradient norm, at least 0"),
-                                         (["--sep-token", "<nope>"], "'<nope>' (--sep-token) is not a token")])
+                                         (["--sep-token", "<nope>"], "'<nope>' (--sep-token) is not a token"),
+                                         (["--sep-token", "<|image_pad|>"], "is the image/video pad token")])
 def test_bad_flags_end_with_one_readable_line(world, tmp_path, capsys, flags, said):
     with pytest.raises(SystemExit):
         mrrm.main(args_for(world, tmp_path / "f", "--steps", "1", "--heldout", "", *flags))
