@@ -466,13 +466,16 @@ def read_records(path, errors=None):
         if not raw.strip():
             continue
         try:
-            yield line_no, json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # also: nesting too deep, an integer of 5,000 digits
             what = (f"malformed JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
-                    else f"not UTF-8 text ({e.reason} at byte {e.start + 1})")
+                    else f"not UTF-8 text ({e.reason} at byte {e.start + 1})" if isinstance(e, UnicodeDecodeError)
+                    else f"malformed JSON: {e}")
             if errors is None:
                 raise ValueError(f"{path}:{line_no}: {what}") from None
             errors.append(f"{path}:{line_no}: {what}")
+            continue
+        yield line_no, obj
 
 
 def _decode(path, data):

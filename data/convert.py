@@ -36,6 +36,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -114,6 +115,7 @@ class Context:
         self.out_dir = out_path.parent
         self.images_name = f"{out_path.stem}_images"
         self.tmp_images = self.out_dir / f".{self.images_name}.tmp"
+        shutil.rmtree(self.tmp_images, ignore_errors=True)  # a killed run's leftovers: not this run's images
         self.image_root = Path(image_root) if image_root else None
         self.pairs = Counter()
 
@@ -148,6 +150,8 @@ class Context:
             if isinstance(raw, list):  # bytes as a JSON list of ints
                 data = bytes(raw)
             elif isinstance(raw, str):
+                if raw.startswith("data:") and "," not in raw:
+                    raise ValueError("a data URL with no ',' before its data")
                 text = raw.split(",", 1)[1] if raw.startswith("data:") else raw
                 # MIME-style base64 breaks its lines every 76 characters; whitespace is the only thing
                 # dropped, so any other stray character is still reported instead of decoded around.
@@ -171,12 +175,30 @@ class Context:
             img.save(dest, "PNG")
         return f"{self.images_name}/{name}"
 
-    def commit(self):
-        if self.tmp_images.exists():
-            final = self.out_dir / self.images_name
-            if final.exists():
-                shutil.rmtree(final)
+    def commit(self, tmp_out, out_path):
+        """The new images folder, then OUT, into place. If a step fails, the old folder and the old OUT
+        are left as they were (OUT never points at images that are not there)."""
+        if not self.tmp_images.exists():
+            os.replace(tmp_out, out_path)
+            return
+        final, old = self.out_dir / self.images_name, self.out_dir / f".{self.images_name}.old"
+        if final.is_symlink() or (final.exists() and not final.is_dir()):
+            raise ValueError(f"{final}: exists and is not a folder; the embedded images are written there: move it away")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        try:
             os.replace(self.tmp_images, final)
+            try:
+                os.replace(tmp_out, out_path)
+            except BaseException:
+                os.replace(final, self.tmp_images)  # abort() removes it
+                raise
+        except BaseException:
+            if old.exists():
+                os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
     def abort(self):
         shutil.rmtree(self.tmp_images, ignore_errors=True)
@@ -304,9 +326,12 @@ def _mean_rating(completion, where):
     for aspect, note in annotations.items():
         rating = note.get("Rating") if isinstance(note, dict) else None
         try:
-            ratings.append(float(rating))
+            value = float(rating)
         except (TypeError, ValueError):
             continue  # GPT-4V sometimes wrote "N/A": that aspect does not count
+        if isinstance(rating, bool) or not math.isfinite(value):
+            continue  # "nan" or "inf" parse as floats but rate nothing (a NaN would scramble the sort)
+        ratings.append(value)
     if not ratings:
         raise BadRecord(f"{where}: annotations: no numeric Rating in any aspect ({', '.join(annotations) or 'none'})")
     return sum(ratings) / len(ratings)
@@ -351,6 +376,8 @@ def convert(name, in_path, out_path, image_root=None, skip_bad=False):
     """
     fn = CONVERTERS[name]
     out_path = Path(out_path)
+    if out_path.exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
+        raise ValueError(f"{out_path}: OUT is IN; converting in place would replace the published file")
     ctx = Context(out_path, image_root)
     bad_json, bad = [], []
     records_in = samples_out = 0
@@ -367,16 +394,20 @@ def convert(name, in_path, out_path, image_root=None, skip_bad=False):
                     samples = fn(obj, where, ctx)
                     if problems := [p for s in samples for p in validate_sample(s, where)]:
                         raise BadRecord("; ".join(problems))
+                    # serialised here so that text UTF-8 cannot hold (a lone surrogate) is this record's problem
+                    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+                    try:
+                        lines.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise BadRecord(f"{where}: text that is not valid Unicode ({e.reason})") from None
                 except BadRecord as e:
                     if not skip_bad:
                         raise
                     bad.append(str(e))
                     continue
-                for s in samples:
-                    out.write(json.dumps(s, ensure_ascii=False) + "\n")
+                out.write(lines)
                 samples_out += len(samples)
-        os.replace(tmp, out_path)
-        ctx.commit()
+        ctx.commit(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -173,6 +173,15 @@ def test_vlfeedback_ranks_by_mean_rating_with_dense_ties(tmp_path):
     assert s["rankings"] == [3, 1, 3, 2], f"expected [3, 1, 3, 2] from means 3, 5, 3, 4; got {s['rankings']}"
 
 
+def test_vlfeedback_nan_and_inf_ratings_count_as_no_rating(tmp_path):
+    # float("nan") parses: a NaN mean made the sort, and so the ranking, arbitrary
+    rec = {"id": "svit-2", "prompt": "What is it?", "img_path": "svit/1.jpg", "models": ["a", "b", "c"],
+           "completions": [completion("w", "nan", "2", "2"), completion("x", "1", "inf", "1"),
+                           completion("y", "5", "5", "5")]}
+    _, [s], _ = run(tmp_path, "vlfeedback", [rec])
+    assert s["rankings"] == [2, 3, 1], f"means 2, 1, 5 with nan/inf ignored give [2, 3, 1]; got {s['rankings']}"
+
+
 def test_embedded_jpeg_is_saved_upright_by_its_exif_orientation(tmp_path):
     # 40 x 20 pixels, left half red and right half blue, tagged "rotate 90 degrees clockwise to
     # show" (orientation 6): shown, it is 20 wide and 40 tall with red on top.
@@ -235,6 +244,61 @@ def test_mr2bench_bad_rankings_stop_conversion_naming_file_line_and_field(tmp_pa
     with pytest.raises(convert.BadRecord) as e:
         convert.convert("mr2bench", src, tmp_path / "out.jsonl")
     assert f"{src}:2: rankings:" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("line, said", [("[" * 100_000, "malformed JSON"), ('{"id": ' + "9" * 5000 + "}", "malformed JSON"),
+                                        ('{"id": "x", "query": "\\ud800", "response": ["a", "b"], "human_ranking": [0, 1], '
+                                         '"image_path": "i.png"}', "text that is not valid Unicode")],
+                         ids=["deep-nesting", "5000-digits", "lone-surrogate"])
+def test_pathological_lines_are_named_bad_records(tmp_path, line, said):
+    # deep nesting (RecursionError), an over-long integer (ValueError) and a lone surrogate (which UTF-8
+    # cannot write) were tracebacks or errors naming no line, and --skip-bad could not skip them
+    src = write_jsonl(tmp_path / "in.jsonl", [VLRB, line, VLRB])
+    with pytest.raises(ValueError) as e:
+        convert.convert("vlrewardbench", src, tmp_path / "out.jsonl")
+    assert f"{src}:2: " in str(e.value) and said in str(e.value), str(e.value)[:200]
+    stats = convert.convert("vlrewardbench", src, tmp_path / "out.jsonl", skip_bad=True)
+    assert (stats["samples_out"], stats["skipped"]) == (2, 1), stats
+
+
+def test_a_data_url_without_its_comma_is_a_bad_record(tmp_path):
+    with pytest.raises(convert.BadRecord, match=r":1: image: image bytes do not decode \(a data URL with no ','"):
+        run(tmp_path, "vlrewardbench", [dict(VLRB, image="data:image/png")])
+
+
+def test_out_equal_to_in_is_refused_and_the_published_file_kept(tmp_path):
+    src = write_jsonl(tmp_path / "same.jsonl", [VLRB])
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="OUT is IN"):
+        convert.convert("vlrewardbench", src, src)
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_an_images_path_that_is_not_a_folder_stops_before_out_is_replaced(tmp_path, kind):
+    out = tmp_path / "out.jsonl"
+    out.write_text("PREVIOUS\n")
+    images = tmp_path / "out_images"
+    if kind == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        images.symlink_to(tmp_path / "elsewhere")
+    else:
+        images.write_text("not a folder")
+    src = write_jsonl(tmp_path / "in.jsonl", [dict(VLRB, image={"bytes": base64.b64encode(png_bytes()).decode()})])
+    with pytest.raises(ValueError, match="out_images: exists and is not a folder"):
+        convert.convert("vlrewardbench", src, out)
+    assert out.read_text() == "PREVIOUS\n", "OUT was replaced by a conversion that failed"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "temporary files left"
+
+
+def test_a_killed_runs_leftover_images_are_not_committed(tmp_path):
+    (tmp_path / ".out_images.tmp").mkdir()
+    (tmp_path / ".out_images.tmp" / "stale.png").write_bytes(png_bytes())
+    rec = dict(VLRB, image={"bytes": base64.b64encode(png_bytes((0, 255, 0))).decode()})
+    src = write_jsonl(tmp_path / "in.jsonl", [rec])
+    convert.convert("vlrewardbench", src, tmp_path / "out.jsonl")
+    [s] = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(p.name for p in (tmp_path / "out_images").iterdir()) == [Path(s["image"]).name]
 
 
 def test_malformed_json_stops_conversion_before_anything_is_written(tmp_path):
