@@ -368,14 +368,17 @@ def report(flips=(0.1, 0.2, 0.3), tie=0.1, seed=0, design=REPORT_DESIGN):
 
 def _read_jsonl(path, required):
     # Not convert.read_records: this file stays runnable on its own, and its inputs are JSONL only.
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: malformed JSON: {e.msg} at column {e.colno}") from None
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+            except (ValueError, RecursionError) as e:
+                what = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise ValueError(f"{path}:{line_no}: malformed JSON: {what}") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, found {type(obj).__name__}")
             for key in required:
@@ -388,6 +391,9 @@ def load_judgments(path):
     """{question_id: [judgment, ...]}, every judgment checked (file:line: field: what is wrong)."""
     by_q = defaultdict(list)
     for line_no, j in _read_jsonl(path, ("question_id", "model_a", "model_b", "winner")):
+        for side in ("model_a", "model_b"):
+            if not isinstance(j[side], str) or not j[side]:
+                raise ValueError(f"{path}:{line_no}: {side}: expected a model name, found {json.dumps(j[side])[:60]}")
         if j["winner"] not in WINNERS:
             raise ValueError(f"{path}:{line_no}: winner: expected one of a, b, tie, found {j['winner']!r}")
         if j["model_a"] == j["model_b"]:
@@ -399,12 +405,23 @@ def load_judgments(path):
 def build(judgments_path, questions_path, k, n_variants, seed):
     """(samples in mrrm's schema, per-question agreement records, counts of what was dropped)."""
     by_q = load_judgments(judgments_path)
-    samples, agreement, dropped = [], [], defaultdict(int)
+    samples, agreement, dropped, seen = [], [], defaultdict(int), {}
     for line_no, q in _read_jsonl(questions_path, ("question_id", "prompt", "responses")):
         qid = str(q["question_id"])
+        where = f"{questions_path}:{line_no}"
+        if qid in seen:  # its judgments were used up by the first copy: the second would be dropped silently
+            raise ValueError(f"{where}: question_id: {qid} is also on line {seen[qid]}")
+        seen[qid] = line_no
         responses = q["responses"]
-        if not isinstance(responses, dict):
-            raise ValueError(f"{questions_path}:{line_no}: responses: expected an object model -> text")
+        if not isinstance(responses, dict) or not all(isinstance(t, str) for t in responses.values()):
+            raise ValueError(f"{where}: responses: expected an object model -> text")
+        if not isinstance(q["prompt"], str):
+            raise ValueError(f"{where}: prompt: expected text, found {json.dumps(q['prompt'])[:60]}")
+        for key in ("image", "video"):  # a path or a list of paths, as mrrm reads them
+            value = q.get(key)
+            if value is not None and not (isinstance(value, str) and value or isinstance(value, list) and value
+                                          and all(isinstance(p, str) and p for p in value)):
+                raise ValueError(f"{where}: {key}: expected a path or a list of paths, found {json.dumps(value)[:60]}")
         judged = by_q.pop(qid, [])
         for j in judged:
             for side in ("model_a", "model_b"):
@@ -432,7 +449,7 @@ def build(judgments_path, questions_path, k, n_variants, seed):
                 continue
             sample = {"prompt": q["prompt"], "responses": [responses[m] for m, _ in variant],
                       "rankings": [r for _, r in variant], "id": f"{qid}-{v}"}
-            sample.update({key: q[key] for key in ("image", "video", "category") if key in q})
+            sample.update({key: q[key] for key in ("image", "video", "category") if q.get(key) is not None})
             samples.append(sample)
     dropped["questions judged but missing from the side file"] = len(by_q)
     return samples, agreement, dict(dropped)
@@ -445,6 +462,24 @@ def rebase(paths, src, dst):
     if not isinstance(paths, str) or os.path.isabs(paths):
         return paths
     return os.path.relpath(os.path.join(src, paths), dst)
+
+
+def write_atomic(files):
+    """{path: lines} written to temporary names, then renamed in order; nothing is replaced if a write fails."""
+    tmps = {path: os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            for path in files}
+    try:
+        for path, lines in files.items():
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path}: is a folder; give a file name")
+            with open(tmps[path], "w", encoding="utf-8") as f:
+                f.writelines(lines)
+        for path in files:
+            os.replace(tmps[path], path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def main(argv=None):
@@ -463,23 +498,22 @@ def main(argv=None):
         return 0
     if not (args.judgments and args.questions and args.out):
         parser.error("JUDGMENTS, --questions and --out are needed (or --report)")
+    agreement_path = args.out.removesuffix(".jsonl") + ".agreement.jsonl"
     try:
         samples, agreement, dropped = build(args.judgments, args.questions, args.k, args.variants, args.seed)
+        # media paths are relative to the file that holds them: from the side file's folder to OUT's
+        src, dst = os.path.dirname(os.path.abspath(args.questions)), os.path.dirname(os.path.abspath(args.out))
+        for s in samples:
+            for key in ("image", "video"):
+                if key in s:
+                    s[key] = rebase(s[key], src, dst)
+        os.makedirs(dst, exist_ok=True)
+        # both files under temporary names first: a failure leaves the previous pair as it was
+        write_atomic({agreement_path: [json.dumps(a) + "\n" for a in agreement],
+                      args.out: [json.dumps(s, ensure_ascii=False) + "\n" for s in samples]})
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    # media paths are relative to the file that holds them: from the side file's folder to OUT's
-    src, dst = os.path.dirname(os.path.abspath(args.questions)), os.path.dirname(os.path.abspath(args.out))
-    for s in samples:
-        for key in ("image", "video"):
-            if key in s:
-                s[key] = rebase(s[key], src, dst)
-    os.makedirs(dst, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-    agreement_path = args.out.removesuffix(".jsonl") + ".agreement.jsonl"
-    with open(agreement_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(a) + "\n" for a in agreement)
     mean_agree = np.mean([a["judgments_agree"] for a in agreement]) if agreement else float("nan")
     print(f"questions {len(agreement)} | samples {len(samples)} | judgments_agree {mean_agree:.3f} | "
           + " | ".join(f"dropped {k} {v}" for k, v in dropped.items() if v))

@@ -262,3 +262,40 @@ def test_media_paths_still_point_at_the_files_when_out_is_in_another_folder(tmp_
     assert ensemble.main([str(jpath), "--questions", str(qpath), "--out", str(out), "--k", "4"]) == 0
     video = json.loads(out.read_text().splitlines()[0])["video"]
     assert not os.path.isabs(video) and os.path.normpath(out.parent / video) == str(tmp_path / "v" / "q00000.mp4")
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda j, q: (j[:4] + [dict(j[4], model_a=["m1"])] + j[5:], q), r"judgments.jsonl:5: model_a: expected a model name"),
+    (lambda j, q: (j, q + [q[0]]), r"questions.jsonl:4: question_id: q00000 is also on line 1"),
+    (lambda j, q: (j, [dict(q[0], prompt=None)] + q[1:]), r"questions.jsonl:1: prompt: expected text"),
+    (lambda j, q: (j, [dict(q[0], video=5)] + q[1:]), r"questions.jsonl:1: video: expected a path"),
+    (lambda j, q: (j, [dict(q[0], responses={"m00": 7})] + q[1:]), r"questions.jsonl:1: responses: expected an object"),
+])
+def test_malformed_judgments_and_questions_are_named_not_crashes_or_silent_drops(tmp_path, edit, said):
+    # a list as a model name was a TypeError; a repeated question dropped silently; a null prompt or a
+    # number as a video path was written into samples mrrm then refused
+    jpath, qpath, _ = write_inputs(tmp_path)
+    j, q = edit([json.loads(l) for l in jpath.read_text().splitlines()],
+                [json.loads(l) for l in qpath.read_text().splitlines()])
+    jpath.write_text("".join(json.dumps(x) + "\n" for x in j))
+    qpath.write_text("".join(json.dumps(x) + "\n" for x in q))
+    with pytest.raises(ValueError, match=said):
+        ensemble.build(jpath, qpath, 4, 1, 0)
+
+
+def test_a_non_utf8_line_is_named_and_an_unwritable_out_replaces_nothing(tmp_path, capsys):
+    jpath, qpath, _ = write_inputs(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert ensemble.main([str(jpath), "--questions", str(qpath), "--out", str(out)]) == 0
+    before = out.read_bytes()
+    # the agreement file's path is a folder: neither file may change, and the error is one line
+    (tmp_path / "out.agreement.jsonl").unlink()
+    (tmp_path / "out.agreement.jsonl").mkdir()
+    capsys.readouterr()
+    assert ensemble.main([str(jpath), "--questions", str(qpath), "--out", str(out), "--k", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "out.agreement.jsonl: is a folder" in err and err.count("\n") == 1, err
+    assert out.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    jpath.write_bytes(jpath.read_bytes() + b'{"question_id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"judgments.jsonl:\d+: not UTF-8 text"):
+        ensemble.build(jpath, qpath, 4, 1, 0)
