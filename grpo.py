@@ -729,7 +729,7 @@ def parser():
     g.add_argument("--out", default="runs/grpo")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto: cuda if available (bf16 autocast), else cpu")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=mrrm.nonnegative_int, default=1,
                    help="torch CPU threads; a tiny model decodes fastest on one, above all on a shared machine (0: torch's default)")
     g.add_argument("--log-every", type=int, default=5)
     g.add_argument("--eval-every", type=int, default=50, help="held-out accuracy every K steps, and before step 1 (0: never)")

@@ -709,6 +709,7 @@ class Sample:
     where: str  # "file:line", for every later error about this sample
     pair: int = None
     video_fps: float = None  # frame rate of a frame folder / list (the record's fps or 1 / sampling_interval)
+    id_given: bool = True  # False: the record had no id, and `id` is its file:line
 
 
 def _resolve(p, base):
@@ -753,7 +754,8 @@ def load_samples(path, image_root=None, skip_bad=False, max_responses=None):
             continue
         samples.append(Sample(str(obj.get("id", f"{os.path.basename(path)}:{line}")), prompt_of(obj), obj["responses"],
                               obj["rankings"], images, videos, obj.get("category", ""), where, obj.get("pair"),
-                              frame_rate(obj) if videos and (isinstance(videos[0], list) or os.path.isdir(videos[0])) else None))
+                              frame_rate(obj) if videos and (isinstance(videos[0], list) or os.path.isdir(videos[0])) else None,
+                              "id" in obj))
     bad += len(errors) - found_here  # read_records' lines: one message each (malformed JSON, not UTF-8)
     shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
     if errors and not skip_bad:
@@ -972,6 +974,17 @@ def protocol_report(name, rows):
     raise ValueError(f"unknown protocol {name!r}; choose from {PROTOCOLS}")
 
 
+def check_protocol(name, samples):
+    """The pairwise benchmarks' rules need pairs, and VL-RewardBench / MM-RLHF read the ids (dataset,
+    ACC+'s question): data that does not fit would be reported under the wrong rule without a word."""
+    for s in samples:
+        if name in ("vlrewardbench", "mmrewardbench", "mmrlhf") and len(s.responses) != 2:
+            raise ValueError(f"{s.where}: --protocol {name} scores pairs; this sample has {len(s.responses)} responses")
+        if name in ("vlrewardbench", "mmrlhf") and not s.id_given:
+            raise ValueError(f"{s.where}: --protocol {name} reads each sample's id "
+                             f"({'its dataset' if name == 'vlrewardbench' else 'the question ACC+ groups by'}); this one has none")
+
+
 def shifts(n, orders):
     """`orders` cyclic shifts of n responses, spread evenly (orders=2, n=2: both orders)."""
     k = max(1, min(orders, n))
@@ -1065,8 +1078,15 @@ def sample_order(n_samples, use, seed):
 
 
 def pick_device(name):
+    """--device: auto (CUDA when there is one), cpu, cuda, cuda:1, ...; one that cannot run is a ValueError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU here")
     return name
 
 
@@ -1344,6 +1364,13 @@ def evaluate_cmd(args):
     ensure_shapeworld(args.data)
     rm, adapter, model = load_trained(args, device)
     samples = load_samples(args.data, args.image_root, args.skip_bad, rm.max_responses)
+    check_protocol(args.protocol, samples)
+    if args.predictions is None:  # next to the model evaluated, never into another run's folder
+        args.predictions = os.path.join(adapter or model, "predictions.jsonl")
+    if args.predictions:  # found unwritable now, not after the whole evaluation
+        if os.path.isdir(args.predictions):
+            raise ValueError(f"--predictions {args.predictions}: is a folder; give a file name")
+        os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
     mode = args.mode or rm.mode
     autocast = precision(device)[1]
     t0 = time.time()
@@ -1355,10 +1382,7 @@ def evaluate_cmd(args):
     print(f"{args.data}: {len(samples)} samples, mode {mode}, {args.orders} order(s), protocol {args.protocol}, "
           f"{time.time() - t0:.1f}s")
     _print_report(report)
-    if args.predictions is None:  # next to the model evaluated, never into another run's folder
-        args.predictions = os.path.join(adapter or model, "predictions.jsonl")
     if args.predictions:
-        os.makedirs(os.path.dirname(os.path.abspath(args.predictions)), exist_ok=True)
         with open(args.predictions, "w") as f:
             for s, sc, row in zip(samples, scores, rows):
                 ranking = [1 + sorted(range(len(sc)), key=lambda j: -sc[j]).index(i) for i in range(len(sc))]
@@ -1873,6 +1897,8 @@ def print_table(title, rows):
 
 
 def bench(args):
+    if args.compile and args.warmup < 1:
+        raise ValueError("--compile needs --warmup 1 or more: the first call compiles, and would be timed")
     device = torch.device(pick_device(args.device))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.flex is None:
@@ -1929,33 +1955,33 @@ def add_bench_args(subparsers):
                    help="random weights of this size instead of --model (2b/4b/8b: real Qwen3-VL sizes)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")
+    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")
     g.add_argument("--compile", action="store_true", help="torch.compile our decoder layers (forward rows and --train)")
     g.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                    help="also run independent mode through FlexAttention block masks (default: on CUDA)")
     g.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,
                    help="side-by-side rows from transformers' Qwen3-VL, same weights (default: on when installed)")
     g = b.add_argument_group("inputs")
-    g.add_argument("--image-tokens", type=int, default=64, help="merged image tokens in the prompt (0: text only)")
-    g.add_argument("--prompt-len", type=int, default=50, help="prompt tokens besides the image pads")
-    g.add_argument("--n", type=int, default=4, help="responses per prompt")
-    g.add_argument("--resp-len", type=int, default=128, help="tokens per response (the separator comes on top)")
+    g.add_argument("--image-tokens", type=nonnegative_int, default=64, help="merged image tokens in the prompt (0: text only)")
+    g.add_argument("--prompt-len", type=nonnegative_int, default=50, help="prompt tokens besides the image pads")
+    g.add_argument("--n", type=positive_int, default=4, help="responses per prompt")
+    g.add_argument("--resp-len", type=nonnegative_int, default=128, help="tokens per response (the separator comes on top)")
     g = b.add_argument_group("timing")
-    g.add_argument("--warmup", type=int, default=1)
-    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--warmup", type=nonnegative_int, default=1)
+    g.add_argument("--repeats", type=positive_int, default=3)
     g.add_argument("--json", default="", help="write every figure to this file")
-    g.add_argument("--profile", type=int, default=0, metavar="K",
+    g.add_argument("--profile", type=nonnegative_int, default=0, metavar="K",
                    help="after timing each forward / train row, profile one more call and print its top K operators")
     g = b.add_argument_group("--train: one LoRA training step")
     g.add_argument("--train", action="store_true")
     g.add_argument("--mode", choices=MODES, default="joint")
-    g.add_argument("--lora-r", type=int, default=16, help="alpha = 2r")
+    g.add_argument("--lora-r", type=positive_int, default=16, help="alpha = 2r")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
     g = b.add_argument_group("--generate: G samples from one prefill vs re-running the full forward")
     g.add_argument("--generate", action="store_true")
-    g.add_argument("--samples", type=int, default=8, help="G")
-    g.add_argument("--new-tokens", type=int, default=32)
-    g.add_argument("--nocache-steps", type=int, default=16, help="steps the no-cache baseline is timed over "
+    g.add_argument("--samples", type=positive_int, default=8, help="G")
+    g.add_argument("--new-tokens", type=positive_int, default=32)
+    g.add_argument("--nocache-steps", type=positive_int, default=16, help="steps the no-cache baseline is timed over "
                    "(its cost per step grows with length, so this flatters the baseline)")
     b.set_defaults(func=bench)
     return b
@@ -1970,6 +1996,14 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    """argparse type for sizes and counts where 0 means none (or: off, torch's default)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text}")
     return value
 
 
@@ -2010,7 +2044,7 @@ def parser():
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--batch-size", type=positive_int, default=16, help="effective batch (samples per optimizer step)")
     t.add_argument("--micro-batch", type=positive_int, default=16, help="samples per forward; the rest is gradient accumulation")
-    t.add_argument("--row-tokens", type=int, default=256, help="short samples share a row of up to this many tokens "
+    t.add_argument("--row-tokens", type=nonnegative_int, default=256, help="short samples share a row of up to this many tokens "
                    "(block-diagonal mask; the same scores, less padding; 0: one sample per row)")
     t.add_argument("--steps", type=int, default=2400, help="optimizer steps (shape-world: 3.8 passes over its 10,000 samples)")
     t.add_argument("--epochs", type=float, default=0, help="passes over --train instead of --steps (the paper: 3)")
@@ -2045,7 +2079,7 @@ def parser():
     e.add_argument("--predictions", default=None,
                    help="default: predictions.jsonl in the --adapter folder (in a merged --model's with --adapter ''); '' for none")
     e.add_argument("--batch-size", type=positive_int, default=16)
-    e.add_argument("--row-tokens", type=int, default=256, help="as in train")
+    e.add_argument("--row-tokens", type=nonnegative_int, default=256, help="as in train")
     e.add_argument("--device", default="auto")
 
     s = sub.add_parser("score", help="score N responses to one prompt")
@@ -2058,7 +2092,7 @@ def parser():
     s.add_argument("--mode", choices=MODES, default=None, help="default: the mode the model was trained in")
     s.add_argument("--device", default="auto")
     for p in (t, e, s):  # run_cli applies it
-        p.add_argument("--threads", type=int, default=0,
+        p.add_argument("--threads", type=nonnegative_int, default=0,
                        help="CPU threads (0: torch's default, one per core; 1 on a machine where something else runs)")
     add_bench_args(sub)
     return ap
@@ -2084,7 +2118,7 @@ def run_cli(fn, args):
         torch.set_num_threads(args.threads)
     try:
         return fn(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:  # OSError: a missing file, an output path that is a folder
         if os.environ.get("MRRM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -237,3 +237,14 @@ def test_train_rows_run_under_the_autocast_train_uses(tiny, monkeypatch):
     monkeypatch.setattr(mrrm, "score_fn", recording)
     out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers"] + SIZES)
     assert "error" not in out["train"][0] and seen and all(seen), (out["train"], seen)
+
+
+@pytest.mark.parametrize("flags, said", [(["--n", "0"], "--n: expected an integer of at least 1"),
+                                         (["--resp-len", "-1"], "--resp-len: expected an integer of at least 0"),
+                                         (["--repeats", "0"], "--repeats: expected an integer of at least 1"),
+                                         (["--compile", "--warmup", "0"], "--compile needs --warmup 1 or more")])
+def test_bench_settings_that_would_fail_or_mislead_are_one_line(flags, said, capsys):
+    with pytest.raises(SystemExit):
+        mrrm.main(["bench", "--config", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err

@@ -560,7 +560,10 @@ def test_resume_drops_a_metrics_line_cut_short_by_the_kill(world, tmp_path, caps
                                          (["--micro-batch", "0"], "--micro-batch: expected an integer of at least 1"),
                                          (["--clip", "-1"], "--clip -1.0: a gradient norm, at least 0"),
                                          (["--sep-token", "<nope>"], "'<nope>' (--sep-token) is not a token"),
-                                         (["--sep-token", "<|image_pad|>"], "is the image/video pad token")])
+                                         (["--sep-token", "<|image_pad|>"], "is the image/video pad token"),
+                                         (["--threads", "-1"], "--threads: expected an integer of at least 0"),
+                                         (["--row-tokens", "-1"], "--row-tokens: expected an integer of at least 0"),
+                                         (["--device", "nonsense"], "--device nonsense: not a device name")])
 def test_bad_flags_end_with_one_readable_line(world, tmp_path, capsys, flags, said):
     with pytest.raises(SystemExit):
         mrrm.main(args_for(world, tmp_path / "f", "--steps", "1", "--heldout", "", *flags))
@@ -793,3 +796,30 @@ def test_micro_batches_do_not_change_the_gradient(world, tmp_path):
         mrrm.main(args_for(world, tmp_path / micro, "--steps", "1", "--heldout", "", "--export", "off", "--micro-batch", micro))
         norms.append(json.loads((tmp_path / micro / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"])
     assert norms[0] == pytest.approx(norms[1], rel=1e-4), norms
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: this torch .* sees no CUDA GPU"):
+        mrrm.pick_device("cuda")
+    assert mrrm.pick_device("auto") == "cpu" and mrrm.pick_device("cpu") == "cpu"
+
+
+def test_eval_checks_its_protocol_and_predictions_path_before_scoring(world, tmp_path, capsys, monkeypatch):
+    mrrm.main(args_for(world, tmp_path / "rm", "--steps", "1", "--heldout", "", "--export", "off"))
+    scored = []
+    monkeypatch.setattr(mrrm, "evaluate", lambda *a, **k: scored.append(1))  # must not be reached
+    eval_args = ["eval", "--adapter", str(tmp_path / "rm"), "--data", str(world / "d" / "heldout.jsonl")]
+    (tmp_path / "p").mkdir()
+    for extra, said in [(["--predictions", str(tmp_path / "p")], "is a folder; give a file name"),
+                        (["--protocol", "vlrewardbench"], "--protocol vlrewardbench scores pairs; this sample has 4"),
+                        (["--protocol", "mmrlhf"], "--protocol mmrlhf scores pairs")]:
+        with pytest.raises(SystemExit):
+            mrrm.main(eval_args + extra)
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "responses": ["a", "b"], "rankings": [1, 2]}])
+    with pytest.raises(SystemExit):
+        mrrm.main(eval_args[:3] + ["--data", pairs, "--protocol", "vlrewardbench"])
+    assert "reads each sample's id (its dataset); this one has none" in capsys.readouterr().err
+    assert scored == []
