@@ -416,6 +416,12 @@ def grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast):
     return metrics, (images, questions, texts)
 
 
+def optimizer_updates(opt):
+    """How many updates the optimizer has applied (Adam counts them per parameter). It changes as a
+    step starts to write the parameters, so an unchanged count means they are untouched."""
+    return max((int(st["step"]) for st in opt.state.values() if "step" in st), default=0)
+
+
 def check_args(args):
     """Settings that would fail only later (in a step, an evaluation, a division) fail here, before
     any model is loaded, with one line that names the flag."""
@@ -453,7 +459,8 @@ def train(args):
     heldout_ids = {s["record"]["id"] for s in heldout}
     os.makedirs(args.out, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    step = mrrm.start_or_resume(args.out, args.resume, params, opt, settings)
+    resumed = mrrm.start_or_resume(args.out, args.resume, params, opt, settings)
+    step = resumed["step"]
     print(f"policy {args.model} | {lora.parameter_report(policy)}")
     print(f"reward model {args.rm or args.rm_model} | mode {args.rm_mode} | G {args.group_size} x "
           f"{args.prompts_per_step} prompts | {args.steps} steps | beta {args.beta} | {device}")
@@ -469,36 +476,56 @@ def train(args):
 
     stop = min(args.steps, args.stop_at or args.steps)
     result = evaluate(step) if args.eval_every and step == 0 and heldout else None
-    t0, window, timed = time.time(), [], []  # timed: (generation, reward, update) seconds per step
-    while step < stop:
-        lr = mrrm.lr_at(step, args.steps, args.lr, args.warmup, "constant")
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # everything a step draws is seeded by (seed, step): a resumed run repeats the uninterrupted one
-        samples = list(itertools.islice(shapeworld.stream(f"train:{step}", args.seed, exclude=heldout_ids, space="grpo"),
-                                        args.prompts_per_step))
-        m, groups = grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast)
-        step += 1
-        m["lr"] = lr
-        window.append(m)
-        timed.append((m["t_gen"], m["t_rm"], m["t_update"]))
-        mrrm.log_metrics(args.out, {"step": step, **m, "time": time.time() - t0})
-        if step % args.log_every == 0 or step == stop:
-            avg = {k: sum(w[k] for w in window) / len(window)
-                   for k in ("loss", "reward_mean", "reward_std", "zero_std_frac", "train_acc", "clip_frac",
-                             "length", "truncated", "entropy", "t_gen", "t_rm", "t_update")}
-            kl = f"kl {sum(w['kl'] for w in window) / len(window):.4f} | " if args.beta else ""
-            eta = sum(map(sum, timed)) / len(timed) * (stop - step)
-            print(f"step {step}/{args.steps} | loss {avg['loss']:.4f} | reward {avg['reward_mean']:.3f} "
-                  f"std {avg['reward_std']:.3f} | zero-std {avg['zero_std_frac']:.2f} | train-acc {avg['train_acc']:.3f} | "
-                  f"{kl}clip {avg['clip_frac']:.3f} | len {avg['length']:.1f} | trunc {avg['truncated']:.2f} | "
-                  f"entropy {avg['entropy']:.3f} | lr {lr:.1e} | gen {avg['t_gen']:.2f}s rm {avg['t_rm']:.2f}s "
-                  f"upd {avg['t_update']:.2f}s | ETA {eta:.0f}s", flush=True)
-            window = []
-        if args.eval_every and heldout and (step % args.eval_every == 0 or step == args.steps):
-            result = evaluate(step)
-        if args.save_every and step % args.save_every == 0 or step == stop:
-            mrrm.save_checkpoint(args.out, step, params, opt, {"settings": settings, "total": args.steps})
+    t0, timed = time.time(), []  # timed: (generation, reward, update) seconds per step
+    # As in mrrm.py train: anything that stops the run first saves the last finished step, with the
+    # step's metrics and whether its log and evaluation were still to come (a resumed run does them).
+    # A step whose update had begun is not saved: its parameters are neither step k's nor step k+1's.
+    window, pending, m = resumed.get("window", []), resumed.get("pending", False), resumed.get("last", {})
+    state, saved, updates = {"settings": settings, "total": args.steps}, step, optimizer_updates(opt)
+    try:
+        while step < stop or pending:
+            if not pending:
+                lr = mrrm.lr_at(step, args.steps, args.lr, args.warmup, "constant")
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                # everything a step draws is seeded by (seed, step): a resumed run repeats the uninterrupted one
+                samples = list(itertools.islice(shapeworld.stream(f"train:{step}", args.seed, exclude=heldout_ids,
+                                                                  space="grpo"), args.prompts_per_step))
+                m, groups = grpo_step(policy, proc, rm, opt, params, samples, step, args, autocast)
+                step, updates, pending = step + 1, optimizer_updates(opt), True
+                m["lr"] = lr
+                window.append(m)
+                timed.append((m["t_gen"], m["t_rm"], m["t_update"]))
+            mrrm.log_metrics(args.out, {"step": step, **m, "time": time.time() - t0})
+            logged = step % args.log_every == 0 or step == stop
+            if logged:
+                avg = {k: sum(w[k] for w in window) / len(window)
+                       for k in ("loss", "reward_mean", "reward_std", "zero_std_frac", "train_acc", "clip_frac",
+                                 "length", "truncated", "entropy", "t_gen", "t_rm", "t_update")}
+                kl = f"kl {sum(w['kl'] for w in window) / len(window):.4f} | " if args.beta else ""
+                eta = sum(map(sum, timed)) / len(timed) * (stop - step) if timed else 0.0
+                print(f"step {step}/{args.steps} | loss {avg['loss']:.4f} | reward {avg['reward_mean']:.3f} "
+                      f"std {avg['reward_std']:.3f} | zero-std {avg['zero_std_frac']:.2f} | train-acc {avg['train_acc']:.3f} | "
+                      f"{kl}clip {avg['clip_frac']:.3f} | len {avg['length']:.1f} | trunc {avg['truncated']:.2f} | "
+                      f"entropy {avg['entropy']:.3f} | lr {m['lr']:.1e} | gen {avg['t_gen']:.2f}s rm {avg['t_rm']:.2f}s "
+                      f"upd {avg['t_update']:.2f}s | ETA {eta:.0f}s", flush=True)
+            if args.eval_every and heldout and (step % args.eval_every == 0 or step == args.steps):
+                result = evaluate(step)
+            pending, window = False, [] if logged else window  # one statement: no interruption in between
+            if args.save_every and step % args.save_every == 0 or step == stop:
+                state.update(window=window, pending=False, last=m)
+                mrrm.save_checkpoint(args.out, step, params, opt, state)
+                saved = step
+    except BaseException as e:
+        if step > saved and optimizer_updates(opt) == updates:
+            state.update(window=window, pending=pending, last=m)
+            try:
+                folder = mrrm.save_checkpoint(args.out, step, params, opt, state)
+            except BaseException as again:
+                print(f"stopped during step {step + 1}; could not save step {step} ({again!r:.120})", file=sys.stderr)
+                raise e from None
+            print(f"stopped during step {step + 1}; saved {folder}: --resume continues from there", file=sys.stderr)
+        raise
     lora.save_lora(policy, os.path.join(args.out, "adapter.safetensors"),
                    {"base_model": os.path.abspath(args.model), "steps": step, "r": args.lora_r, "alpha": args.lora_alpha})
     if args.profile and timed:

@@ -648,22 +648,34 @@ def save_checkpoint(out, step, named_params, optimizer, state, keep=0, rng=None)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_json(os.path.join(out, "latest.json"), {"checkpoint": os.path.basename(final), "step": step})
-    if keep:  # only once the new one is in place and pointed at
-        done = sorted(n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n) and int(n[11:]) <= step)
+    if keep:  # only once the new one is in place and pointed at; by step, not name (step 1,000,000 has 7 digits)
+        done = sorted((n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n) and int(n[11:]) <= step),
+                      key=lambda n: int(n[11:]))
         for name in done[:-keep]:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     return final
 
 
+def complete_checkpoints(out):
+    """out's checkpoint folders by step, oldest first. Only a finished save renames a folder to this
+    name (checkpoint-N.tmp until then), so each is complete."""
+    names = [n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(out) else []
+    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
 def latest_checkpoint(out):
-    """The folder `out/latest.json` points at, or None when the run has none."""
+    """The folder `out/latest.json` points at, or None when the run has none. A run stopped between a
+    checkpoint's rename and the pointer's update left a newer complete checkpoint: that one."""
     path = os.path.join(out, "latest.json")
+    done = complete_checkpoints(out)
     if not os.path.isfile(path):
-        return None
+        return done[-1] if done else None
     pointer = vlm.read_json(path)
     if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
         raise ValueError(f"{path}: expected {{\"checkpoint\": NAME, ...}}, found {pointer!r:.80}")
     folder = os.path.join(out, pointer["checkpoint"])
+    if done and int(os.path.basename(done[-1])[11:]) > pointer.get("step", -1):
+        return done[-1]
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} points at {folder}, which does not exist")
     return folder
@@ -1120,11 +1132,12 @@ def log_metrics(out, record):
 def start_or_resume(out, resume, named_params, optimizer, settings):
     """A fresh run starts a new metrics.jsonl at step 0; --resume restores parameters, optimizer and
     RNG from out's latest checkpoint, refuses changed `settings`, forgets what the interrupted run
-    logged after that checkpoint, and returns its step. Used by mrrm.py train and grpo.py."""
+    logged after that checkpoint, and returns the checkpoint's state ({"step": 0} for a fresh run).
+    Used by mrrm.py train and grpo.py."""
     path = os.path.join(out, "metrics.jsonl")
     if not resume:
         clear_finished_run(out)
-        return 0
+        return {"step": 0}
     folder = latest_checkpoint(out)
     if folder is None:
         raise FileNotFoundError(f"--resume: {out} has no checkpoint (no latest.json)")
@@ -1143,12 +1156,15 @@ def start_or_resume(out, resume, named_params, optimizer, settings):
             except json.JSONDecodeError:  # a line cut short when the run was killed mid-write
                 print(f"{path}: dropped an unreadable line: {line.strip()[:60]}", file=sys.stderr)
                 continue
-            if record.get("step", 0) <= state["step"]:
+            # records after the checkpoint, the final evaluation (it is made again), and the checkpoint
+            # step's own records when its log and evaluation were still pending (they are redone)
+            at = record.get("step", 0)
+            if at < state["step"] or at == state["step"] and not state.get("pending") and not record.get("final"):
                 keep.append(line if line.endswith("\n") else line + "\n")
         with open(path, "w") as f:
             f.writelines(keep)
     print(f"resumed from {folder} at step {state['step']}")
-    return state["step"]
+    return state
 
 
 def clear_finished_run(out):
@@ -1222,7 +1238,8 @@ def train(args):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             fused=True)
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    step = start_or_resume(args.out, args.resume, params, opt, settings)
+    resumed = start_or_resume(args.out, args.resume, params, opt, settings)
+    step = resumed["step"]
     if not args.resume:
         torch.manual_seed(args.seed)
     trainable, count = lora.count_parameters(rm)
@@ -1234,72 +1251,87 @@ def train(args):
     cache = PromptCache(rm, int(args.cache_gb * 2**30))
     loss_fn = LOSSES[args.loss]
     stop = min(total, args.stop_at or total)
-    t0, tokens, window = time.time(), 0, []
+    t0, tokens = time.time(), 0
     steps_timed, time_timed = 0, 0.0  # optimizer steps only, not evaluation or checkpoints
     # anything that stops the run (a bad sample, out of memory, Ctrl-C) first saves the last finished
-    # step with the random streams as they were right after it, so --resume continues exactly there
+    # step with the random streams as they were right after it, so --resume continues exactly there.
+    # The checkpoint also holds the finished steps' metrics not yet logged (window) and whether that
+    # step's log line and evaluation were still to come (pending): a resumed run does them first.
+    window, pending, last = resumed.get("window", []), resumed.get("pending", False), resumed.get("last", {})
     state, saved, updating, rng = {"settings": settings, "total": total}, step, False, rng_state()
     skipped = {} if args.skip_bad else None  # samples found bad only when used (encode_or_skip)
     try:
-        while step < stop:
-            t_step = time.time()
-            lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio, args.cooldown)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            # a mask curriculum: the first --independent-warmup of the steps see each response alone
-            mode = "independent" if step < args.independent_warmup * total else args.mode
-            for micro in range(accum):
-                first = step * args.batch_size + micro * args.micro_batch
-                packs, ranks, ids = [], [], []
-                for use in range(first, first + args.micro_batch):
-                    i, gen = sample_order(len(samples), use, args.seed)
-                    s = samples[i]
-                    order = torch.randperm(len(s.responses), generator=gen).tolist()
-                    encoded = encode_or_skip(rm, s, order, mode, cache, skipped)
-                    if encoded is not None:
-                        packs.append(encoded[0]), ranks.append(encoded[1]), ids.append(s.id)
-                if not packs:
-                    continue
-                batch = collate(packs, mode, row_tokens=args.row_tokens)
-                rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
-                with autocast:
-                    scores = rm(batch)
-                loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping "
-                                             "(a lower --lr, or --clip if it is 0?)")
-                (loss / accum).backward()
-                window.append(m)
-                tokens += sum(len(p.input_ids) for p in packs)
-            updating = True  # from here to the step's end the parameters are half-way: no checkpoint of them
-            norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip) if args.clip else torch.tensor(0.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            updating, rng = False, rng_state()
-            steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
-            if step % args.log_every == 0 or step == stop:
+        while step < stop or pending:
+            if not pending:
+                t_step = time.time()
+                lr_now = lr_at(step, total, args.lr, warmup, args.decay, args.min_lr_ratio, args.cooldown)
+                for g in opt.param_groups:
+                    g["lr"] = lr_now
+                # a mask curriculum: the first --independent-warmup of the steps see each response alone
+                mode = "independent" if step < args.independent_warmup * total else args.mode
+                step_metrics = []
+                for micro in range(accum):
+                    first = step * args.batch_size + micro * args.micro_batch
+                    packs, ranks, ids = [], [], []
+                    for use in range(first, first + args.micro_batch):
+                        i, gen = sample_order(len(samples), use, args.seed)
+                        s = samples[i]
+                        order = torch.randperm(len(s.responses), generator=gen).tolist()
+                        encoded = encode_or_skip(rm, s, order, mode, cache, skipped)
+                        if encoded is not None:
+                            packs.append(encoded[0]), ranks.append(encoded[1]), ids.append(s.id)
+                    if not packs:
+                        continue
+                    batch = collate(packs, mode, row_tokens=args.row_tokens)
+                    rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
+                    with autocast:
+                        scores = rm(batch)
+                    loss, m = loss_fn(scores.float(), rk, batch.score_valid.to(device))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"step {step + 1}: loss is {loss.item()} on samples {ids}; stopping "
+                                                 "(a lower --lr, or --clip if it is 0?)")
+                    (loss / accum).backward()
+                    step_metrics.append(m)
+                    tokens += sum(len(p.input_ids) for p in packs)
+                rng_after = rng_state()  # clipping and the update draw no random numbers
+                norm = torch.nn.utils.clip_grad_norm_(params.values(), args.clip) if args.clip else torch.tensor(0.0)
+                updating = True  # until the step is counted the parameters are half-way: no checkpoint of them
+                opt.step()
+                step, updating, rng, pending = step + 1, False, rng_after, True
+                opt.zero_grad(set_to_none=True)
+                window += step_metrics
+                last = {"lr": lr_now, "grad_norm": float(norm)}
+                steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
+            logged = step % args.log_every == 0 or step == stop
+            if logged:
                 elapsed = time.time() - t0
                 loss_avg = sum(m["loss"] for m in window) / len(window)
                 acc_avg = sum(m["acc"] for m in window) / len(window)
-                eta = time_timed / steps_timed * (stop - step)
-                print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {lr_now:.2e} | "
-                      f"tok/s {tokens / time_timed:,.0f} | grad {float(norm):.2f} | ETA {eta:.0f}s", flush=True)
-                log_metrics(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": lr_now, "grad_norm": float(norm),
-                                "tokens_per_s": tokens / time_timed, "time": elapsed})
-                window = []
+                tok_s = tokens / time_timed if time_timed else 0.0
+                eta = time_timed / steps_timed * (stop - step) if steps_timed else 0.0
+                print(f"step {step}/{total} | loss {loss_avg:.4f} | acc {acc_avg:.3f} | lr {last['lr']:.2e} | "
+                      f"tok/s {tok_s:,.0f} | grad {last['grad_norm']:.2f} | ETA {eta:.0f}s", flush=True)
+                log_metrics(args.out, {"step": step, "loss": loss_avg, "acc": acc_avg, "lr": last["lr"],
+                                       "grad_norm": last["grad_norm"], "tokens_per_s": tok_s, "time": elapsed})
             if heldout and args.eval_every and step % args.eval_every == 0 and step < stop:
                 rows, _ = evaluate(rm, heldout, args.mode, 1, args.eval_batch, cache, autocast, args.row_tokens, skipped)
                 res = summarize(rows)
                 print(f"eval step {step} | best-of-N {res['best_of_n']:.3f} | pairwise {res['pairwise']:.3f} | "
                       f"tau {res['kendall_tau']:.3f}", flush=True)
                 log_metrics(args.out, {"step": step, "eval": {k: v for k, v in res.items() if k != "per_category"}})
+            pending, window = False, [] if logged else window  # one statement: no interruption in between
             if args.save_every and step % args.save_every == 0 or step == stop:
-                saved = step  # first: a save that is itself interrupted is not tried again below
+                state.update(window=window, pending=False, last=last)
                 save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints)
+                saved = step  # after: a save that was itself interrupted is made again below
     except BaseException as e:
         if step > saved and not updating:
-            folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
+            state.update(window=window, pending=pending, last=last)
+            try:
+                folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
+            except BaseException as again:  # e.g. the disk is full: say so, and stop with the first error
+                print(f"stopped during step {step + 1}; could not save step {step} ({again!r:.120})", file=sys.stderr)
+                raise e from None
             then = ("--resume would diverge again (it keeps --lr and --clip): start over with other settings"
                     if isinstance(e, FloatingPointError) else
                     "fix or remove the record named below, or add --skip-bad; then --resume continues from there"

@@ -558,3 +558,29 @@ def test_clip_frac_counts_only_tokens_whose_clip_binds():
     mask = torch.ones(1, 2, dtype=torch.bool)
     assert grpo.grpo_loss(logp, old, None, torch.tensor([-1.0]), mask)[1]["clip_frac"] == 0.0  # ratio 1.5, A < 0: unclipped
     assert grpo.grpo_loss(logp, old, None, torch.tensor([1.0]), mask)[1]["clip_frac"] == 1.0
+
+
+@pytest.mark.parametrize("where", ["grpo_step", "evaluate"])
+def test_a_stopped_grpo_run_saves_its_last_step_and_resumes_exactly(folder, rm_dir, tmp_path, monkeypatch, where):
+    # it saved nothing (steps since the last --save-every were lost; before the first, all of them)
+    full, split = tmp_path / "full", tmp_path / "split"
+    cli(folder, rm_dir, full, "--steps", "3")
+    real, calls = getattr(grpo, where if where == "grpo_step" else "heldout_accuracy"), []
+
+    def stopping(*a, **k):  # grpo_step: step 2; held-out accuracy: its second call, at step 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped")
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(grpo, where if where == "grpo_step" else "heldout_accuracy", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            cli(folder, rm_dir, split, "--steps", "3")
+    saved = mrrm.latest_checkpoint(str(split))
+    assert saved.endswith("checkpoint-000001" if where == "grpo_step" else "checkpoint-000002"), saved
+    cli(folder, rm_dir, split, "--steps", "3", "--resume")
+    untimed = lambda ms: [{k: v for k, v in x.items() if not k.startswith("t_") and k != "time"} for x in ms]
+    assert untimed(read_metrics(split)) == untimed(read_metrics(full))
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(full / "adapter.safetensors")), load_file(str(split / "adapter.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -823,3 +823,76 @@ def test_eval_checks_its_protocol_and_predictions_path_before_scoring(world, tmp
         mrrm.main(eval_args[:3] + ["--data", pairs, "--protocol", "vlrewardbench"])
     assert "reads each sample's id (its dataset); this one has none" in capsys.readouterr().err
     assert scored == []
+
+
+# --- a run stopped anywhere loses nothing: fault injection ------------------------------------------
+
+
+def records(out):
+    """metrics.jsonl without the timing fields, which differ from run to run."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k not in ("time", "tokens_per_s")} for l in lines]
+
+
+def fail_at(k, real, always=False):
+    """real(), except that call k (1-based) raises KeyboardInterrupt (and every later one if always)."""
+    calls = []
+
+    def fn(*a, **kw):
+        calls.append(1)
+        if len(calls) == k or always and len(calls) > k:
+            raise KeyboardInterrupt(f"stopped at call {len(calls)}")
+        return real(*a, **kw)
+    return fn
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    mrrm.main(args_for(world, out, *INTERRUPTED))
+    return out
+
+
+# 4 steps of 2 micro-batches, a log line and an evaluation every 2 steps, no periodic checkpoint (the
+# default): each point below stopped a run, and --resume had to end exactly as the uninterrupted run
+INTERRUPTED = ["--steps", "4", "--log-every", "2", "--eval-every", "2", "--lora-dropout", "0.1"]
+
+
+@pytest.mark.parametrize("point", ["loss of step 2", "clipping of step 2", "step 2's log line", "step 2's evaluation",
+                                   "the final checkpoint", "the final checkpoint's pointer", "the export"])
+def test_a_run_stopped_anywhere_resumes_to_the_same_weights_and_metrics(world, tmp_path, monkeypatch, uninterrupted,
+                                                                        point):
+    # before: a stop in clipping saved nothing; one in a log line or evaluation lost that line; one in
+    # the only checkpoint's save lost the run; the first loss logged after a resume averaged only the
+    # steps since it; a stop in the export logged the final evaluation twice
+    patch = {"loss of step 2": lambda: monkeypatch.setitem(mrrm.LOSSES, "ce+pl", fail_at(3, mrrm.LOSSES["ce+pl"])),
+             "clipping of step 2": lambda: monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                                                               fail_at(2, torch.nn.utils.clip_grad_norm_)),
+             "step 2's log line": lambda: monkeypatch.setattr(mrrm, "log_metrics", fail_at(1, mrrm.log_metrics)),
+             "step 2's evaluation": lambda: monkeypatch.setattr(mrrm, "evaluate", fail_at(1, mrrm.evaluate)),
+             "the final checkpoint": lambda: monkeypatch.setattr(mrrm, "save_checkpoint", fail_at(1, mrrm.save_checkpoint)),
+             "the final checkpoint's pointer": lambda: monkeypatch.setattr(
+                 mrrm, "_write_json", lambda path, obj, real=mrrm._write_json: (
+                     (_ for _ in ()).throw(KeyboardInterrupt("no pointer")) if path.endswith("latest.json")
+                     else real(path, obj))),
+             "the export": lambda: monkeypatch.setattr(mrrm, "export", fail_at(1, mrrm.export))}
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        monkeypatch = m
+        patch[point]()
+        with pytest.raises(KeyboardInterrupt):
+            mrrm.main(args_for(world, out, *INTERRUPTED))
+    mrrm.main(args_for(world, out, *INTERRUPTED, "--resume"))
+    a, b = trainable(uninterrupted), trainable(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), point
+    assert records(out) == records(uninterrupted), (point, records(out))
+
+
+def test_checkpoints_are_pruned_by_step_not_by_name(tmp_path):
+    # "checkpoint-1000000" sorts before "checkpoint-999999" as text: pruning deleted the newest
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w])
+    for step in (999_998, 999_999, 1_000_000):
+        mrrm.save_checkpoint(str(tmp_path), step, {"w": w}, opt, {}, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1000000", "checkpoint-999999", "latest.json"]
+    assert mrrm.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1000000")
