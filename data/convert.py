@@ -407,6 +407,9 @@ def convert(name, in_path, out_path, image_root=None, skip_bad=False):
                     continue
                 out.write(lines)
                 samples_out += len(samples)
+        if not samples_out:  # an empty IN, or every record bad: an earlier OUT is worth more than nothing
+            raise ValueError(f"{in_path}: no sample converted ({records_in + len(bad_json)} records read, "
+                             f"{len(bad_json) + len(bad)} bad)")
         ctx.commit(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

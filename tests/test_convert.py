@@ -391,3 +391,13 @@ def test_command_line_prints_a_one_line_summary(tmp_path, capsys):
 def test_bench_reports_a_positive_rate_per_converter():
     rates = convert.bench(n=200)
     assert set(rates) == {"rlaifv", "vlrewardbench"} and min(rates.values()) > 0, rates
+
+
+def test_a_conversion_that_yields_no_sample_leaves_an_earlier_out_as_it_was(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("PREVIOUS\n")
+    for records in ([], ['{"id": 1}']):  # an empty file; every record bad (skipped)
+        src = write_jsonl(tmp_path / "in.jsonl", records)
+        with pytest.raises(ValueError, match="no sample converted"):
+            convert.convert("vlrewardbench", src, out, skip_bad=True)
+        assert out.read_text() == "PREVIOUS\n"
