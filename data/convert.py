@@ -397,7 +397,7 @@ def convert(name, in_path, out_path, image_root=None, skip_bad=False):
                     # serialised here so that text UTF-8 cannot hold (a lone surrogate) is this record's problem
                     lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
                     try:
-                        lines.encode("utf-8")
+                        lines.isascii() or lines.encode("utf-8")
                     except UnicodeEncodeError as e:
                         raise BadRecord(f"{where}: text that is not valid Unicode ({e.reason})") from None
                 except BadRecord as e:
