@@ -70,6 +70,15 @@ def _get(obj, key, where, kind=str):
     return v
 
 
+def _opt(obj, key, where, kind=(str, int)):
+    """An optional field as published (None when absent or null), its type checked under its own name."""
+    v = obj.get(key)
+    if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadRecord(f"{where}: {key}: expected {names}, found {type(v).__name__}")
+    return v
+
+
 def _optional(sample, **fields):
     """sample with the fields whose value is not None added (an id or category left unpublished)."""
     sample.update({k: v for k, v in fields.items() if v is not None})
@@ -230,7 +239,7 @@ def vlrewardbench(obj, where, ctx):
     if _shown_order(key):
         responses, rankings = responses[::-1], rankings[::-1]
     sample = {"prompt": query, "responses": responses, "rankings": rankings, "image": image}
-    return [_optional(sample, category=obj.get("query_source"), id=obj.get("id"))]
+    return [_optional(sample, category=_opt(obj, "query_source", where, str), id=_opt(obj, "id", where))]
 
 
 def mmrewardbench(obj, where, ctx):
@@ -243,7 +252,7 @@ def mmrewardbench(obj, where, ctx):
     better = _get(obj, "Better", where)
     if better not in ("Output1", "Output2"):
         raise BadRecord(f"{where}: Better: expected 'Output1' or 'Output2', found {better!r}")
-    category = obj.get("Category")
+    category = _opt(obj, "Category", where, str)
     if category is None and isinstance(obj.get("Meta"), dict):
         category = obj["Meta"].get("Category")
     # scripts/2_get_accuracy.py reports safety and reasoning in two parts each, told apart by the ID
@@ -258,7 +267,7 @@ def mmrewardbench(obj, where, ctx):
               "responses": [_get(obj, "Output1", where), _get(obj, "Output2", where)],
               "rankings": [1, 2] if better == "Output1" else [2, 1],
               "image": ctx.image(_get(obj, "Image", where, (str, dict, list)), where, "Image")}
-    return [_optional(sample, category=category, id=obj.get("ID"))]
+    return [_optional(sample, category=category, id=_opt(obj, "ID", where))]
 
 
 _MMRLHF_CATEGORIES = ("mcq", "long", "short", "safety", "video")
@@ -317,7 +326,7 @@ def rlaifv(obj, where, ctx):
     key = str(obj["idx"]) if obj.get("idx") is not None else f"{question}\n{chosen}\n{rejected}"
     responses, rankings = _chosen_rejected(chosen, rejected, key)
     sample = {"prompt": question, "responses": responses, "rankings": rankings, "image": image}
-    return [_optional(sample, category=obj.get("origin_dataset"), id=obj.get("idx"))]
+    return [_optional(sample, category=_opt(obj, "origin_dataset", where, str), id=_opt(obj, "idx", where))]
 
 
 def _mean_rating(completion, where):
@@ -352,7 +361,7 @@ def vlfeedback(obj, where, ctx):
     sample = {"prompt": _get(obj, "prompt", where), "responses": responses,
               "rankings": dense_ranks(means, higher_is_better=True),
               "image": ctx.image(_get(obj, "img_path", where, (str, dict)), where, "img_path")}
-    return [_optional(sample, id=obj.get("id"))]
+    return [_optional(sample, id=_opt(obj, "id", where))]
 
 
 CONVERTERS = {

@@ -401,3 +401,13 @@ def test_a_conversion_that_yields_no_sample_leaves_an_earlier_out_as_it_was(tmp_
         with pytest.raises(ValueError, match="no sample converted"):
             convert.convert("vlrewardbench", src, out, skip_bad=True)
         assert out.read_text() == "PREVIOUS\n"
+
+
+def test_a_wrong_optional_field_is_named_as_published_not_as_written(tmp_path):
+    # the error said 'category' (mrrm's field) for a bad query_source, 'id' for a bad idx
+    for name, rec, field in [("vlrewardbench", dict(VLRB, query_source=["COCO"]), "query_source"),
+                             ("vlrewardbench", dict(VLRB, id={"a": 1}), "id"),
+                             ("rlaifv", {"question": "q", "chosen": "c", "rejected": "r", "image_path": "i.jpg",
+                                         "idx": [1]}, "idx")]:
+        with pytest.raises(convert.BadRecord, match=rf":1: {field}: expected"):
+            convert.CONVERTERS[name](rec, "f.jsonl:1", convert.Context(tmp_path / "out.jsonl"))
