@@ -1931,6 +1931,9 @@ def print_table(title, rows):
 def bench(args):
     if args.compile and args.warmup < 1:
         raise ValueError("--compile needs --warmup 1 or more: the first call compiles, and would be timed")
+    if args.image_tokens and args.prompt_len < 2:
+        raise ValueError(f"--prompt-len {args.prompt_len}: with an image it counts <|vision_start|> and "
+                         "<|vision_end|>, so at least 2")
     device = torch.device(pick_device(args.device))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.flex is None:
@@ -1995,7 +1998,8 @@ def add_bench_args(subparsers):
                    help="side-by-side rows from transformers' Qwen3-VL, same weights (default: on when installed)")
     g = b.add_argument_group("inputs")
     g.add_argument("--image-tokens", type=nonnegative_int, default=64, help="merged image tokens in the prompt (0: text only)")
-    g.add_argument("--prompt-len", type=nonnegative_int, default=50, help="prompt tokens besides the image pads")
+    g.add_argument("--prompt-len", type=nonnegative_int, default=50,
+                   help="prompt tokens besides the image pads (with an image, vision start and end included)")
     g.add_argument("--n", type=positive_int, default=4, help="responses per prompt")
     g.add_argument("--resp-len", type=nonnegative_int, default=128, help="tokens per response (the separator comes on top)")
     g = b.add_argument_group("timing")

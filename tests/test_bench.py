@@ -242,7 +242,8 @@ def test_train_rows_run_under_the_autocast_train_uses(tiny, monkeypatch):
 @pytest.mark.parametrize("flags, said", [(["--n", "0"], "--n: expected an integer of at least 1"),
                                          (["--resp-len", "-1"], "--resp-len: expected an integer of at least 0"),
                                          (["--repeats", "0"], "--repeats: expected an integer of at least 1"),
-                                         (["--compile", "--warmup", "0"], "--compile needs --warmup 1 or more")])
+                                         (["--compile", "--warmup", "0"], "--compile needs --warmup 1 or more"),
+                                         (["--prompt-len", "1"], "--prompt-len 1: with an image it counts")])
 def test_bench_settings_that_would_fail_or_mislead_are_one_line(flags, said, capsys):
     with pytest.raises(SystemExit):
         mrrm.main(["bench", "--config", "tiny", *flags])
