@@ -30,8 +30,9 @@ Decisions worth knowing:
 - Disabling a merged adapter, or merging a disabled one, raises: subtracting the delta again is not
   bit-exact, and a "reference model" that is only close to the base would be a silent lie. The
   model-wide calls check every layer first, so the error leaves the model as it was.
-- Merge computes B@A in fp32 and rounds once into the base dtype; in bf16, unmerge then restores
-  the base weight only up to that rounding.
+- Merge computes B@A in fp32 and rounds once into the base dtype. Unmerge subtracts it again, which
+  restores the base weight only up to rounding ((w + d) - d != w in floating point, fp32 included:
+  ~1e-7 there, ~1e-3 in bf16), so a layer that was merged and unmerged refuses to be disabled too.
 """
 
 import json
@@ -71,6 +72,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
         self.merged = False
+        self.rounded = False  # merged and unmerged: the base weight is only close to the original now
         # a fresh module is in training mode; inherit the wrapped layer's so an eval model stays eval
         self.train(base_layer.training)
 
@@ -97,6 +99,9 @@ class LoRALinear(nn.Module):
     def set_enabled(self, enabled: bool) -> None:
         if not enabled and self.merged:
             raise RuntimeError("cannot disable a merged LoRA adapter: call unmerge_lora(model) first")
+        if not enabled and self.rounded:
+            raise RuntimeError("cannot disable a LoRA adapter that was merged and unmerged: its base weights are "
+                               "only close to the original (rounding); reload the base model for a reference")
         self.enabled = enabled
 
     @torch.no_grad()
@@ -115,7 +120,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base_layer.weight
         w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
-        self.merged = False
+        self.merged, self.rounded = False, True
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, enabled={self.enabled}"
@@ -157,6 +162,10 @@ def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
     if not enabled and merged:
         raise RuntimeError(f"cannot disable a merged LoRA adapter ({len(merged)} of {len(layers)} layers merged, "
                            f"first {merged[0]}): call unmerge_lora(model) first")
+    rounded = [name for name, layer in layers if layer.rounded]
+    if not enabled and rounded:
+        raise RuntimeError(f"cannot disable a LoRA adapter that was merged and unmerged ({len(rounded)} layers, first "
+                           f"{rounded[0]}): its base weights are only close to the original; reload the base model")
     for _, layer in layers:
         layer.set_enabled(enabled)
 
