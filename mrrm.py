@@ -814,6 +814,8 @@ def read_image(path, where):
     `where` (a sample or a flag)."""
     try:
         return vlm.open_image(path)
+    except FileNotFoundError:  # checked before training; gone since: this record's problem (--skip-bad skips it)
+        raise ValueError(f"{where}: {path}: file not found") from None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -1099,6 +1101,8 @@ def pick_device(name):
         raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no Apple GPU here")
     return name
 
 
@@ -1303,7 +1307,7 @@ def train(args):
                 last = {"lr": lr_now, "grad_norm": float(norm)}
                 steps_timed, time_timed = steps_timed + 1, time_timed + time.time() - t_step
             logged = step % args.log_every == 0 or step == stop
-            if logged:
+            if logged and window:  # empty when every sample of these steps was skipped (--skip-bad)
                 elapsed = time.time() - t0
                 loss_avg = sum(m["loss"] for m in window) / len(window)
                 acc_avg = sum(m["acc"] for m in window) / len(window)
@@ -1350,7 +1354,9 @@ def train(args):
         print(f"held-out ({len(heldout)} samples): best-of-N {result['best_of_n']:.3f} | pairwise "
               f"{result['pairwise']:.3f} | Kendall tau {result['kendall_tau']:.3f} | exact ranking "
               f"{result['exact_ranking']:.3f} (chance best-of-N ~ {sum(1 / len(s.responses) for s in heldout) / len(heldout):.2f})")
-        log_metrics(args.out, {"step": step, "eval": {k: v for k, v in result.items() if k != "per_category"}, "final": True})
+        # "final" only at the schedule's end: a --stop-at evaluation stays, like an in-loop one, when resumed
+        log_metrics(args.out, {"step": step, "eval": {k: v for k, v in result.items() if k != "per_category"},
+                               **({"final": True} if step >= total else {})})
     if step < total:
         print(f"stopped at step {step} of {total} (--stop-at); continue with --resume")
     elif args.export:

@@ -896,3 +896,21 @@ def test_checkpoints_are_pruned_by_step_not_by_name(tmp_path):
         mrrm.save_checkpoint(str(tmp_path), step, {"w": w}, opt, {}, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1000000", "checkpoint-999999", "latest.json"]
     assert mrrm.latest_checkpoint(str(tmp_path)).endswith("checkpoint-1000000")
+
+
+def test_stop_at_then_resume_keeps_the_evaluation_at_the_stop(world, tmp_path, uninterrupted):
+    # the stopped run's evaluation was logged as "final", which a resume drops: step 2's was lost
+    mrrm.main(args_for(world, tmp_path / "run", *INTERRUPTED, "--stop-at", "2"))
+    mrrm.main(args_for(world, tmp_path / "run", *INTERRUPTED, "--resume"))
+    assert records(tmp_path / "run") == records(uninterrupted)
+
+
+def test_steps_whose_samples_were_all_skipped_log_no_line_and_the_run_goes_on(world, tmp_path, capsys):
+    # one sample per step and record 3 bad: its step has no loss to average (a division by zero that a
+    # resume then repeated for ever)
+    data = with_a_late_bad_record(world, tmp_path, "prompt")
+    mrrm.main(args_for(world, tmp_path / "rm", "--train", data, "--heldout", "", "--image-root", str(world / "d"),
+                       "--steps", "24", "--batch-size", "1", "--micro-batch", "1", "--export", "off", "--skip-bad"))
+    steps = [r["step"] for r in records(tmp_path / "rm") if "loss" in r]
+    bad_step = next(use + 1 for use in range(24) if mrrm.sample_order(24, use, 0)[0] == 2)
+    assert bad_step not in steps and len(steps) == 23, (bad_step, steps)
