@@ -63,17 +63,17 @@ def _get(obj, key, where, kind=str):
         raise BadRecord(f"{where}: expected a JSON object, found {type(obj).__name__}")
     if key not in obj:
         raise BadRecord(f"{where}: {key}: missing")
-    v = obj[key]
-    if not isinstance(v, kind) or isinstance(v, bool):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise BadRecord(f"{where}: {key}: expected {names}, found {type(v).__name__}")
-    return v
+    return _typed(obj[key], key, where, kind)
 
 
 def _opt(obj, key, where, kind=(str, int)):
     """An optional field as published (None when absent or null), its type checked under its own name."""
     v = obj.get(key)
-    if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+    return v if v is None else _typed(v, key, where, kind)
+
+
+def _typed(v, key, where, kind):
+    if not isinstance(v, kind) or isinstance(v, bool):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise BadRecord(f"{where}: {key}: expected {names}, found {type(v).__name__}")
     return v
