@@ -519,12 +519,7 @@ def train(args):
     except BaseException as e:
         if step > saved and optimizer_updates(opt) == updates:
             state.update(window=window, pending=pending, last=m)
-            try:
-                folder = mrrm.save_checkpoint(args.out, step, params, opt, state)
-            except BaseException as again:
-                print(f"stopped during step {step + 1}; could not save step {step} ({again!r:.120})", file=sys.stderr)
-                raise e from None
-            print(f"stopped during step {step + 1}; saved {folder}: --resume continues from there", file=sys.stderr)
+            mrrm.save_at_stop(e, "--resume continues from there", args.out, step, params, opt, state)
         raise
     lora.save_lora(policy, os.path.join(args.out, "adapter.safetensors"),
                    {"base_model": os.path.abspath(args.model), "steps": step, "r": args.lora_r, "alpha": args.lora_alpha})

@@ -648,19 +648,29 @@ def save_checkpoint(out, step, named_params, optimizer, state, keep=0, rng=None)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _write_json(os.path.join(out, "latest.json"), {"checkpoint": os.path.basename(final), "step": step})
-    if keep:  # only once the new one is in place and pointed at; by step, not name (step 1,000,000 has 7 digits)
-        done = sorted((n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n) and int(n[11:]) <= step),
-                      key=lambda n: int(n[11:]))
-        for name in done[:-keep]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    if keep:  # only once the new one is in place and pointed at
+        done = [folder for at, folder in complete_checkpoints(out) if at <= step]
+        for folder in done[:-keep]:
+            shutil.rmtree(folder, ignore_errors=True)
     return final
 
 
+def save_at_stop(error, then, out, step, named_params, optimizer, state, keep=0, rng=None):
+    """A run stopped by `error` saves its last finished step and says so, with `then` (what to do next).
+    If that save fails too (the disk is full), it says so and the first error stops the run."""
+    try:
+        folder = save_checkpoint(out, step, named_params, optimizer, state, keep, rng)
+    except BaseException as again:
+        print(f"stopped during step {step + 1}; could not save step {step} ({again!r:.120})", file=sys.stderr)
+        raise error from None
+    print(f"stopped during step {step + 1}; saved {folder}: {then}", file=sys.stderr)
+
+
 def complete_checkpoints(out):
-    """out's checkpoint folders by step, oldest first. Only a finished save renames a folder to this
-    name (checkpoint-N.tmp until then), so each is complete."""
+    """[(step, folder)] of out's checkpoints, oldest first: by step, not name (step 1,000,000 has 7
+    digits). Only a finished save renames a folder to this name (checkpoint-N.tmp until then)."""
     names = [n for n in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(out) else []
-    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+    return sorted((int(n[11:]), os.path.join(out, n)) for n in names)
 
 
 def latest_checkpoint(out):
@@ -669,13 +679,13 @@ def latest_checkpoint(out):
     path = os.path.join(out, "latest.json")
     done = complete_checkpoints(out)
     if not os.path.isfile(path):
-        return done[-1] if done else None
+        return done[-1][1] if done else None
     pointer = vlm.read_json(path)
     if not isinstance(pointer, dict) or not isinstance(pointer.get("checkpoint"), str):
         raise ValueError(f"{path}: expected {{\"checkpoint\": NAME, ...}}, found {pointer!r:.80}")
     folder = os.path.join(out, pointer["checkpoint"])
-    if done and int(os.path.basename(done[-1])[11:]) > pointer.get("step", -1):
-        return done[-1]
+    if done and done[-1][0] > pointer.get("step", -1):
+        return done[-1][1]
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} points at {folder}, which does not exist")
     return folder
@@ -795,7 +805,7 @@ def media_problems(images, videos, where):
         except (OSError, Image.DecompressionBombError) as e:  # a bomb (too many pixels) is not an OSError
             problems.append(f"{where}: {what}: {p}: cannot be read as an image ({e})")
             continue
-        if p in images and max(w, h) > 200 * min(w, h):
+        if what == "image" and max(w, h) > 200 * min(w, h):
             problems.append(f"{where}: image: {p}: {w}x{h}: aspect ratio above 200 is not supported by Qwen3-VL")
     for v in videos:
         if isinstance(v, list):
@@ -912,9 +922,9 @@ def summarize(rows):
                 "kendall_tau": sum(taus) / len(taus) if taus else float("nan"),
                 "exact_ranking": sum(r["exact"] for r in rs) / len(rs)}
     out = agg(rows)
-    cats = sorted({r["category"] for r in rows if r["category"]})
+    cats = group_by([r for r in rows if r["category"]], lambda r: r["category"])
     if cats:
-        out["per_category"] = {c: agg([r for r in rows if r["category"] == c]) for c in cats}
+        out["per_category"] = {c: agg(g) for c, g in cats.items()}
     sizes = sorted({r["responses"] for r in rows})
     if len(sizes) > 1:  # best-of-2 and best-of-4 have different chance levels (1/2, 1/4): also apart
         out["per_n"] = {f"N={k}": agg([r for r in rows if r["responses"] == k]) for k in sizes}
@@ -1331,16 +1341,11 @@ def train(args):
     except BaseException as e:
         if step > saved and not updating:
             state.update(window=window, pending=pending, last=last)
-            try:
-                folder = save_checkpoint(args.out, step, params, opt, state, args.keep_checkpoints, rng=rng)
-            except BaseException as again:  # e.g. the disk is full: say so, and stop with the first error
-                print(f"stopped during step {step + 1}; could not save step {step} ({again!r:.120})", file=sys.stderr)
-                raise e from None
             then = ("--resume would diverge again (it keeps --lr and --clip): start over with other settings"
                     if isinstance(e, FloatingPointError) else
                     "fix or remove the record named below, or add --skip-bad; then --resume continues from there"
                     if isinstance(e, ValueError) else "--resume continues from there")
-            print(f"stopped during step {step + 1}; saved {folder}: {then}", file=sys.stderr)
+            save_at_stop(e, then, args.out, step, params, opt, state, args.keep_checkpoints, rng)
         raise
 
     extra = {"lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets),
