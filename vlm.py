@@ -240,19 +240,24 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cos, sin, groups):
+    def qkv_rotary(self, x, cos, sin):
+        """x (N, C) -> q, k, v, each (N, nh, hd), q and k rotated (in fp32, then back to x's dtype)."""
         N, C = x.shape
-        nh, hd = self.n_head, C // self.n_head
-        q, k, v = self.qkv(x).view(N, 3, nh, hd).unbind(1)  # each (N, nh, hd)
-        dt = q.dtype
-        q, k = apply_rotary(q.float(), cos, sin).to(dt), apply_rotary(k.float(), cos, sin).to(dt)
-        y = torch.zeros_like(q) if len(groups) > 1 else None  # one length: yg below is all of y
-        for L, rows in groups:  # one SDPA call per group length, each group attending only to itself
-            qg, kg, vg = ((t if rows is None else t[rows]).view(-1, L, nh, hd).transpose(1, 2)
-                          for t in (q, k, v))  # (G, nh, L, hd)
-            yg = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, nh, hd)  # (G*L, nh, hd)
-            y = yg if rows is None else y.index_copy(0, rows, yg)  # rows None: the groups are x in order
-        return self.proj(y.reshape(N, C))
+        q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # each (N, nh, hd)
+        return apply_rotary(q.float(), cos, sin).to(q.dtype), apply_rotary(k.float(), cos, sin).to(k.dtype), v
+
+
+def grouped_attention(q, k, v, groups):
+    """q, k, v (N, nh, hd) -> (N, nh, hd): one SDPA call per group length, each group of L rows
+    attending only to itself (see attention_groups)."""
+    _, nh, hd = q.shape
+    y = torch.zeros_like(q) if len(groups) > 1 else None  # one length: yg below is all of y
+    for L, rows in groups:
+        qg, kg, vg = ((t if rows is None else t[rows]).view(-1, L, nh, hd).transpose(1, 2)
+                      for t in (q, k, v))  # (G, nh, L, hd)
+        yg = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, nh, hd)  # (G*L, nh, hd)
+        y = yg if rows is None else y.index_copy(0, rows, yg)  # rows None: the groups are x in order
+    return y
 
 
 class VisionMLP(nn.Module):
@@ -266,6 +271,10 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
+    """Pre-norm attention + MLP, in three steps: the grouped attention in the middle loops over Python
+    lists that change with every batch's images, so torch.compile (Qwen3VL.compile_layers) compiles
+    only the two steps around it, which see tensors alone and never recompile for a new image layout."""
+
     def __init__(self, cfg):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
@@ -274,7 +283,14 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x, cos, sin, groups):
-        x = x + self.attn(self.norm1(x), cos, sin, groups)
+        y = grouped_attention(*self.attention_inputs(x, cos, sin), groups)  # (N, nh, hd)
+        return self.attention_output_mlp(x, y)
+
+    def attention_inputs(self, x, cos, sin):
+        return self.attn.qkv_rotary(self.norm1(x), cos, sin)
+
+    def attention_output_mlp(self, x, y):
+        x = x + self.attn.proj(y.flatten(1))  # heads concatenated: (N, C)
         return x + self.mlp(self.norm2(x))
 
 
@@ -485,13 +501,17 @@ class Qwen3VL(nn.Module):
     def logits(self, hidden):
         return F.linear(hidden, self.output_weight)
 
-    def compile_decoder(self):
-        """torch.compile each decoder layer; the vision tower's data-dependent shapes would break the
-        graph. A batch of new length recompiles once, then the layers run with dynamic shapes."""
+    def compile_layers(self):
+        """torch.compile each decoder layer and the two halves of each vision block around its grouped
+        attention (see VisionBlock); the code between them, with its data-dependent shapes, stays eager.
+        A batch of new length recompiles once, then the layers run with dynamic shapes."""
         # The layers share one compiled forward, which training meets in up to 7 variants (layer 0's input
         # needs no grad, the others' does; a mask or none; evaluation without grad; the first, static,
         # shape). Past dynamo's default limit of 8 it would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        for blk in self.model.visual.blocks:
+            blk.attention_inputs = torch.compile(blk.attention_inputs)
+            blk.attention_output_mlp = torch.compile(blk.attention_output_mlp)
         for layer in self.model.language_model.layers:
             layer.compile()
 

@@ -119,6 +119,31 @@ def test_images_of_repeated_and_distinct_sizes_match_transformers(pair):
     assert diff <= 1e-4, f"three-image max-abs-diff {diff:.2e}"
 
 
+def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image_layouts(monkeypatch):
+    # compile_layers compiles the two halves of each vision block around the grouped attention, so a new
+    # set of image sizes (other groups, other lengths) reuses the compiled code once it is dynamic;
+    # aot_eager traces as torch.compile does, without inductor's C++ codegen (CI may lack a compiler)
+    from torch._dynamo.utils import counters
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager", **kw))
+    torch.manual_seed(0)
+    model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
+    vlm.init_weights(model)
+    layouts = [[[1, 8, 8]], [[1, 8, 8], [1, 4, 6]], [[1, 4, 6], [2, 8, 8], [1, 4, 6]], [[1, 12, 8]],
+               [[1, 6, 6], [1, 4, 4], [1, 8, 4], [1, 2, 2]]]
+    inputs = [(torch.randn(sum(t * h * w for t, h, w in g), 384), torch.tensor(g)) for g in layouts]
+    with torch.no_grad():
+        want = [model.model.visual(rows, grid) for rows, grid in inputs]
+        model.compile_layers()
+        torch._dynamo.reset()
+        counters.clear()
+        got = [model.model.visual(rows, grid) for rows, grid in inputs]
+    for (a, fa), (b, fb) in zip(want, got):
+        assert torch.allclose(a, b, atol=1e-6) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(fa, fb))
+    # each half: one static graph for the first length, one dynamic for all the rest; no guard on groups
+    assert counters["stats"]["unique_graphs"] == 4
+
+
 def test_video_logits_match_transformers(pair):
     ref, ours = pair
     grid = torch.tensor([[3, 4, 6]])  # three frame pairs of 4x6 patches
