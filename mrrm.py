@@ -1605,9 +1605,11 @@ def timed(fn, device, warmup, repeats):
 
 def profile_once(fn, device, label, top):
     """Print the `top` operators that took most of one call's time (self time, on the GPU where there is
-    one), so a row's milliseconds can be traced to the kernels that spend them."""
+    one), so a row's milliseconds can be traced to the kernels that spend them. On CUDA, returns the
+    call's summed kernel time in ms (as the table's "Self CUDA time total"): a row whose wall-clock ms is
+    well above it waits on the CPU launching kernels, not on the GPU. None elsewhere."""
     if top <= 0:
-        return
+        return None
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -1616,12 +1618,19 @@ def profile_once(fn, device, label, top):
         with torch.profiler.profile(activities=activities) as prof:
             fn()
             sync(device)
-        table = prof.key_averages().table(sort_by=f"self_{where}_time_total", row_limit=top)
+        events = prof.key_averages()
+        table = events.table(sort_by=f"self_{where}_time_total", row_limit=top)
     except Exception as e:
         print(f"--- profile: {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        return
+        return None
     print(f"--- profile: {label}, one call, top {top} operators by self {where} time")
     print(table)
+    if device.type != "cuda":
+        return None
+    # the kernels' own events (an operator's CPU event also carries its kernels' time: not counted twice)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
+    return sum(e.self_device_time_total for e in kernels) / 1e3  # us -> ms
 
 
 def matmul_peak_tflops(device, dtype, repeats=5):
@@ -1715,9 +1724,11 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
             fns = [score_fn(model, head, b, device, causal=not masked) for b in batches]
             with torch.no_grad():
                 sec, mem, out = timed(lambda: [f() for f in fns], device, args.warmup, args.repeats)
-                profile_once(lambda: [f() for f in fns], device, name, args.profile)
+                gpu_ms = profile_once(lambda: [f() for f in fns], device, name, args.profile)
             scores[name] = torch.cat([o[:, :args.n].flatten() for o in out]).float().cpu()
             row.update(measure(cfg, batches, masked, images, impl, grids, sec, mem, peak))
+            if gpu_ms is not None:
+                row["GPU ms"] = gpu_ms
         except Exception as e:  # one failing row (OOM, a kernel missing) must not cost the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         finally:
@@ -1733,9 +1744,11 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
             with torch.no_grad():
                 fn = transformers_score_fn(hf, head, b[0], device, mode)
                 sec, mem, out = timed(fn, device, args.warmup, args.repeats)
-                profile_once(fn, device, name, args.profile)
+                gpu_ms = profile_once(fn, device, name, args.profile)
             scores[name] = out[0, :args.n].float().cpu()
             row.update(measure(cfg, b, mode == "independent", 1, "sdpa", grids, sec, mem, peak))
+            if gpu_ms is not None:
+                row["GPU ms"] = gpu_ms
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
@@ -1800,7 +1813,9 @@ def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, p
     row = {"row": name}
     try:
         sec, mem, _ = timed(step, device, args.warmup, args.repeats)
-        profile_once(step, device, name, args.profile)
+        gpu_ms = profile_once(step, device, name, args.profile)
+        if gpu_ms is not None:
+            row["GPU ms"] = gpu_ms
         T, grid = b.input_ids.shape[1], b.grid_thw
         pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], impl)[0]
         f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n)
@@ -1922,11 +1937,15 @@ def add_speedups(rows, base, key):
             r["speedup"] = base[key] / r[key] if key == "ms" else r[key] / base[key]
 
 
+def gpu_note(rows):
+    return "; GPU ms: the kernels' summed time in one profiled call" if any("GPU ms" in r for r in rows) else ""
+
+
 def print_table(title, rows):
     if not rows:
         print(f"{title}\n(no rows)")
         return
-    cols = ["row"] + [c for c in ("tokens", "ms", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
+    cols = ["row"] + [c for c in ("tokens", "ms", "GPU ms", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
                                   "speedup", "mem GiB", "max_diff", "same tokens", "trainable M") if any(c in r for r in rows)]
     fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s")
                         else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}")
@@ -1972,7 +1991,8 @@ def bench(args):
     if not args.train and not args.generate:
         out["forward"] = bench_forward(args, model, sep_id, device, dtype, peak, lambda rows: save("forward", rows))
         print_table("forward: scores of N responses (TFLOP = useful, kernel TFLOP = what the kernels compute; "
-                    "max_diff: scores vs sequential, transformers joint vs joint)", out["forward"])
+                    "max_diff: scores vs sequential, transformers joint vs joint" + gpu_note(out["forward"]) + ")",
+                    out["forward"])
     if args.generate:
         out["generate"] = bench_generate(args, model, device)
         print_table(f"decoding: {args.samples} samples x {args.new_tokens} tokens, temperature 1", out["generate"])
@@ -1988,7 +2008,8 @@ def bench(args):
             out["train"] += bench_train_reference(args, cfg, sep_id, device, dtype, peak)
             add_speedups(out["train"], out["train"][-1], "tok/s")
         print_table("train step: LoRA + value head, forward + backward + AdamW "
-                    "(TFLOP: vision forward + 2 x decoder forward, recompute not counted)", out["train"])
+                    "(TFLOP: vision forward + 2 x decoder forward, recompute not counted" + gpu_note(out["train"]) + ")",
+                    out["train"])
     save()
     return out
 
@@ -2019,7 +2040,8 @@ def add_bench_args(subparsers):
     g.add_argument("--repeats", type=positive_int, default=3)
     g.add_argument("--json", default="", help="write every figure to this file")
     g.add_argument("--profile", type=nonnegative_int, default=0, metavar="K",
-                   help="after timing each forward / train row, profile one more call and print its top K operators")
+                   help="after timing each forward / train row, profile one more call and print its top K operators "
+                        "(on CUDA also a 'GPU ms' column: that call's summed kernel time)")
     g = b.add_argument_group("--train: one LoRA training step")
     g.add_argument("--train", action="store_true")
     g.add_argument("--mode", choices=MODES, default="joint")

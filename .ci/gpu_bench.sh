@@ -5,6 +5,10 @@
 # in two calls (copy $OUT's *.json and the log out after each):
 #   ONLY="train_4b_r16_compile fwd_4b_n4_compile" bash .ci/gpu_bench.sh $OUT            # <= 7 minutes
 #   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT       # <= 7 minutes
+# (the first took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
+# 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time: on
+# that card's virtual machine the wall-clock ms of the same row varied up to 2x between runs, the
+# CPU launching kernels being the bottleneck, while GPU ms stayed within 3%; compare both.
 # Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]   (DRY=1 bash .ci/gpu_bench.sh: a CPU rehearsal)
 # Each run is capped by `timeout`, and a failing run (or an OOM row inside a run) is reported and skipped.
 set -u
@@ -39,7 +43,7 @@ run train_4b_r16_compile 240 --config $B4 $IMG --n 4 --resp-len $R256 --train --
 run fwd_4b_n4_compile 180 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 3 --repeats 5 --compile --no-flex --profile 15
 # the same two eager; r = 128 (the paper's rank: the 24 GB goal)
 run train_4b_r16 100 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 16 --warmup 1 --repeats 3 --profile 15
-run fwd_4b_n4 100 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --no-flex
+run fwd_4b_n4 100 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --no-flex --profile 5
 run train_4b_r128 60 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 128 --warmup 1 --repeats 3 --no-transformers
 # GRPO step: 2B policy + 4B reward model, G = 8 completions of 256 tokens, one 1,024-token image
 if only grpo_2b_4b; then

@@ -220,6 +220,34 @@ def test_a_failing_profiler_costs_the_row_nothing(tiny, capsys, monkeypatch):
     assert "--- profile: train r=4 joint ckpt: failed (RuntimeError: CUPTI unavailable)" in capsys.readouterr().out
 
 
+def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
+    # the "GPU ms" column: the kernels' own events; an operator's CPU event carries the same kernel time
+    # (counting it too would double the figure) and a user annotation on the GPU timeline spans others
+    from types import SimpleNamespace as E
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [E(device_type=cpu, self_device_time_total=900.0, is_user_annotation=False),  # aten::mm
+              E(device_type=cuda, self_device_time_total=400.0, is_user_annotation=False),  # its kernel
+              E(device_type=cuda, self_device_time_total=250.0, is_user_annotation=False),
+              E(device_type=cuda, self_device_time_total=1000.0, is_user_annotation=True)]
+
+    class Events(list):
+        def table(self, **kw):
+            return "(table)"
+
+    class Profile:
+        def __init__(self, **kw):
+            pass
+        __enter__ = lambda self: self
+        __exit__ = lambda self, *a: None
+        key_averages = lambda self: Events(events)
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(mrrm, "sync", lambda device: None)
+    assert mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 3) == pytest.approx(0.65)
+    assert mrrm.profile_once(lambda: None, torch.device("cpu"), "row", 3) is None  # CPU: no GPU column
+    assert mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 0) is None  # not profiled
+    assert "(table)" in capsys.readouterr().out
+
+
 def test_print_table_of_no_rows_says_so(capsys):
     mrrm.print_table("all runs", [])
     assert capsys.readouterr().out == "all runs\n(no rows)\n"
