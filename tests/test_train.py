@@ -228,14 +228,15 @@ def test_resume_equals_an_uninterrupted_run(world, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_compiled_training_equals_eager(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("targets", ["lm", "lm+vision"])  # lm+vision: gradients through the compiled vision halves
+def test_compiled_training_equals_eager(world, tmp_path, monkeypatch, targets):
     # aot_eager: dynamo's tracing and AOT autograd (with activation checkpointing) without inductor's C++
     # codegen, which a CI machine may lack a compiler for and which takes ~40 s here; the GPU bench
     # measures the real thing
     # (nn.Module.compile calls torch.compile too: this catches the decoder layers and the vision halves)
     compile, compiled = torch.compile, []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or compile(fn, backend="aot_eager", **kw))
-    common = ["--steps", "2", "--heldout", "", "--export", "off", "--grad-checkpointing", "on"]
+    common = ["--steps", "2", "--heldout", "", "--export", "off", "--grad-checkpointing", "on", "--lora-targets", targets]
     mrrm.main(args_for(world, tmp_path / "eager", *common))
     mrrm.main(args_for(world, tmp_path / "compiled", *common, "--compile"))
     cfg = vlm.load_model(str(world / "m")).cfg
@@ -245,6 +246,7 @@ def test_compiled_training_equals_eager(world, tmp_path, monkeypatch):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     assert any("lora_B" in k and a[k].abs().max() > 0 for k in a)  # B starts at 0: the runs did train
+    assert any("visual" in k for k in a) == (targets == "lm+vision")
 
 
 def test_resume_refuses_changed_settings(world, tmp_path, capsys):
