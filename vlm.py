@@ -273,7 +273,8 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     """Pre-norm attention + MLP, in three steps: the grouped attention in the middle loops over Python
     lists that change with every batch's images, so torch.compile (Qwen3VL.compile_layers) compiles
-    only the two steps around it, which see tensors alone and never recompile for a new image layout."""
+    only the two steps around it, which see tensors alone: after one recompile for dynamic shapes, a
+    new image layout reuses them."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -288,6 +289,15 @@ class VisionBlock(nn.Module):
 
     def attention_inputs(self, x, cos, sin):
         return self.attn.qkv_rotary(self.norm1(x), cos, sin)
+
+    def __getstate__(self):
+        # compile_layers binds compiled copies of the two steps to this block; a deepcopy would keep
+        # them, bound to this block's weights, and pickle cannot take them. A copy runs uncompiled, as
+        # nn.Module drops its own compiled forward.
+        state = super().__getstate__()
+        state.pop("attention_inputs", None)
+        state.pop("attention_output_mlp", None)
+        return state
 
     def attention_output_mlp(self, x, y):
         x = x + self.attn.proj(y.flatten(1))  # heads concatenated: (N, C)

@@ -144,6 +144,27 @@ def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch):
+    # compile_layers binds compiled steps to each vision block; a deepcopy must not keep running the
+    # original block's weights, and the model must still pickle (both worked before the vision compile)
+    import copy
+    import pickle
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager", **kw))
+    torch.manual_seed(0)
+    model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
+    vlm.init_weights(model)
+    model.compile_layers()
+    pickle.loads(pickle.dumps(model))
+    block = copy.deepcopy(model.model.visual.blocks[0])
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()  # the attention output and MLP now add zero: the block returns its input
+        x, cos, sin = torch.randn(64, 32), torch.ones(64, 1, 16), torch.zeros(64, 1, 16)
+        assert torch.equal(block(x, cos, sin, [(64, None)]), x)
+        assert not torch.equal(model.model.visual.blocks[0](x, cos, sin, [(64, None)]), x)
+
+
 def test_video_logits_match_transformers(pair):
     ref, ours = pair
     grid = torch.tensor([[3, 4, 6]])  # three frame pairs of 4x6 patches
