@@ -8,7 +8,7 @@
 # (the first took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
 # 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time: on
 # that card's virtual machine the wall-clock ms of the same row varied up to 2x between runs, the
-# CPU launching kernels being the bottleneck, while GPU ms stayed within 3%; compare both.
+# CPU launching kernels being the bottleneck, while GPU ms stayed within 4%; compare both.
 # Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]   (DRY=1 bash .ci/gpu_bench.sh: a CPU rehearsal)
 # Each run is capped by `timeout`, and a failing run (or an OOM row inside a run) is reported and skipped.
 set -u
