@@ -290,18 +290,20 @@ class VisionBlock(nn.Module):
     def attention_inputs(self, x, cos, sin):
         return self.attn.qkv_rotary(self.norm1(x), cos, sin)
 
-    def __getstate__(self):
-        # compile_layers binds compiled copies of the two steps to this block; a deepcopy would keep
-        # them, bound to this block's weights, and pickle cannot take them. A copy runs uncompiled, as
-        # nn.Module drops its own compiled forward.
-        state = super().__getstate__()
-        state.pop("attention_inputs", None)
-        state.pop("attention_output_mlp", None)
-        return state
-
     def attention_output_mlp(self, x, y):
         x = x + self.attn.proj(y.flatten(1))  # heads concatenated: (N, C)
         return x + self.mlp(self.norm2(x))
+
+    compiled_steps = ("attention_inputs", "attention_output_mlp")  # what compile_layers compiles
+
+    def __getstate__(self):
+        # compile_layers binds compiled copies of the steps to this block; a deepcopy would keep them,
+        # bound to this block's weights, and pickle cannot take them. A copy runs uncompiled, as
+        # nn.Module drops its own compiled forward.
+        state = super().__getstate__()
+        for name in self.compiled_steps:
+            state.pop(name, None)
+        return state
 
 
 class PatchMerger(nn.Module):
@@ -520,8 +522,8 @@ class Qwen3VL(nn.Module):
         # shape). Past dynamo's default limit of 8 it would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for blk in self.model.visual.blocks:
-            blk.attention_inputs = torch.compile(blk.attention_inputs)
-            blk.attention_output_mlp = torch.compile(blk.attention_output_mlp)
+            for name in blk.compiled_steps:
+                setattr(blk, name, torch.compile(getattr(blk, name)))
         for layer in self.model.language_model.layers:
             layer.compile()
 

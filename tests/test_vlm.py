@@ -119,16 +119,22 @@ def test_images_of_repeated_and_distinct_sizes_match_transformers(pair):
     assert diff <= 1e-4, f"three-image max-abs-diff {diff:.2e}"
 
 
-def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image_layouts(monkeypatch):
-    # compile_layers compiles the two halves of each vision block around the grouped attention, so a new
-    # set of image sizes (other groups, other lengths) reuses the compiled code once it is dynamic;
-    # aot_eager traces as torch.compile does, without inductor's C++ codegen (CI may lack a compiler)
-    from torch._dynamo.utils import counters
+def tiny_random_model_compiling_aot_eager(monkeypatch):
+    """A random tiny Qwen3VL, with torch.compile patched to aot_eager: dynamo's tracing and AOT autograd
+    as torch.compile does them, without inductor's C++ codegen (CI may lack a compiler)."""
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager", **kw))
     torch.manual_seed(0)
     model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
     vlm.init_weights(model)
+    return model
+
+
+def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image_layouts(monkeypatch):
+    # compile_layers compiles the two halves of each vision block around the grouped attention, so a new
+    # set of image sizes (other groups, other lengths) reuses the compiled code once it is dynamic
+    from torch._dynamo.utils import counters
+    model = tiny_random_model_compiling_aot_eager(monkeypatch)
     layouts = [[[1, 8, 8]], [[1, 8, 8], [1, 4, 6]], [[1, 4, 6], [2, 8, 8], [1, 4, 6]], [[1, 12, 8]],
                [[1, 6, 6], [1, 4, 4], [1, 8, 4], [1, 2, 2]]]
     inputs = [(torch.randn(sum(t * h * w for t, h, w in g), 384), torch.tensor(g)) for g in layouts]
@@ -149,11 +155,7 @@ def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch
     # original block's weights, and the model must still pickle (both worked before the vision compile)
     import copy
     import pickle
-    compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager", **kw))
-    torch.manual_seed(0)
-    model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
-    vlm.init_weights(model)
+    model = tiny_random_model_compiling_aot_eager(monkeypatch)
     model.compile_layers()
     pickle.loads(pickle.dumps(model))
     block = copy.deepcopy(model.model.visual.blocks[0])
