@@ -1603,13 +1603,13 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(times), peak_memory_gb(device), out
 
 
-def profile_once(fn, device, label, top):
+def profile_once(fn, device, label, top, row):
     """Print the `top` operators that took most of one call's time (self time, on the GPU where there is
-    one), so a row's milliseconds can be traced to the kernels that spend them. On CUDA, returns the
-    call's summed kernel time in ms (as the table's "Self CUDA time total"): a row whose wall-clock ms is
-    well above it waits on the CPU launching kernels, not on the GPU. None elsewhere."""
+    one), so a row's milliseconds can be traced to the kernels that spend them. On CUDA, also sets
+    row["GPU ms"], the call's summed kernel time (as the table's "Self CUDA time total"): a row whose
+    wall-clock ms is well above it waits on the CPU launching kernels, not on the GPU."""
     if top <= 0:
-        return None
+        return
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -1622,15 +1622,14 @@ def profile_once(fn, device, label, top):
         table = events.table(sort_by=f"self_{where}_time_total", row_limit=top)
     except Exception as e:
         print(f"--- profile: {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        return None
+        return
     print(f"--- profile: {label}, one call, top {top} operators by self {where} time")
     print(table)
-    if device.type != "cuda":
-        return None
-    # the kernels' own events (an operator's CPU event also carries its kernels' time: not counted twice)
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False)]
-    return sum(e.self_device_time_total for e in kernels) / 1e3  # us -> ms
+    if device.type == "cuda":
+        # the kernels' own events (an operator's CPU event also carries its kernels' time: not counted twice)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
+        row["GPU ms"] = sum(e.self_device_time_total for e in kernels) / 1e3  # us -> ms
 
 
 def matmul_peak_tflops(device, dtype, repeats=5):
@@ -1724,11 +1723,9 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
             fns = [score_fn(model, head, b, device, causal=not masked) for b in batches]
             with torch.no_grad():
                 sec, mem, out = timed(lambda: [f() for f in fns], device, args.warmup, args.repeats)
-                gpu_ms = profile_once(lambda: [f() for f in fns], device, name, args.profile)
+                profile_once(lambda: [f() for f in fns], device, name, args.profile, row)
             scores[name] = torch.cat([o[:, :args.n].flatten() for o in out]).float().cpu()
             row.update(measure(cfg, batches, masked, images, impl, grids, sec, mem, peak))
-            if gpu_ms is not None:
-                row["GPU ms"] = gpu_ms
         except Exception as e:  # one failing row (OOM, a kernel missing) must not cost the others
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         finally:
@@ -1744,11 +1741,9 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
             with torch.no_grad():
                 fn = transformers_score_fn(hf, head, b[0], device, mode)
                 sec, mem, out = timed(fn, device, args.warmup, args.repeats)
-                gpu_ms = profile_once(fn, device, name, args.profile)
+                profile_once(fn, device, name, args.profile, row)
             scores[name] = out[0, :args.n].float().cpu()
             row.update(measure(cfg, b, mode == "independent", 1, "sdpa", grids, sec, mem, peak))
-            if gpu_ms is not None:
-                row["GPU ms"] = gpu_ms
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
@@ -1813,9 +1808,7 @@ def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, p
     row = {"row": name}
     try:
         sec, mem, _ = timed(step, device, args.warmup, args.repeats)
-        gpu_ms = profile_once(step, device, name, args.profile)
-        if gpu_ms is not None:
-            row["GPU ms"] = gpu_ms
+        profile_once(step, device, name, args.profile, row)
         T, grid = b.input_ids.shape[1], b.grid_thw
         pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], impl)[0]
         f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n)

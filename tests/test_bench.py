@@ -242,9 +242,11 @@ def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
         key_averages = lambda self: Events(events)
     monkeypatch.setattr(torch.profiler, "profile", Profile)
     monkeypatch.setattr(mrrm, "sync", lambda device: None)
-    assert mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 3) == pytest.approx(0.65)
-    assert mrrm.profile_once(lambda: None, torch.device("cpu"), "row", 3) is None  # CPU: no GPU column
-    assert mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 0) is None  # not profiled
+    rows = {kind: {} for kind in ("cuda", "cpu", "not profiled")}
+    mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 3, rows["cuda"])
+    mrrm.profile_once(lambda: None, torch.device("cpu"), "row", 3, rows["cpu"])
+    mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 0, rows["not profiled"])
+    assert rows == {"cuda": {"GPU ms": pytest.approx(0.65)}, "cpu": {}, "not profiled": {}}  # CPU: no GPU column
     assert "(table)" in capsys.readouterr().out
 
 
