@@ -77,20 +77,25 @@ class LoRALinear(nn.Module):
         self.train(base_layer.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if not self.enabled or self.merged:
-            return result
+            return self.base_layer(x)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (tokens, in): the base output below is then no view (see addmm_)
+        result = self.base_layer(x)  # (tokens, out)
         # autocast runs both LoRA matmuls in its low dtype whatever goes in: there, casting x up to
         # fp32 first would only add a copy of x and autocast's cast straight back (both again in
         # backward), four passes over x per layer for the same values
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
-        a = self.lora_A(self.dropout(x.to(dtype)))  # (..., r)
-        # result + scaling * a @ B^T as one addmm: no separate scale and add passes over the (..., out)
-        # activations (forward and backward), which on CPU cost more than the rank-r matmul itself.
+        a = self.lora_A(self.dropout(x.to(dtype)))  # (tokens, r)
+        # result += scaling * a @ B^T as one in-place addmm: no separate scale and add passes over the
+        # (tokens, out) activations (forward and backward), which on CPU cost more than the rank-r
+        # matmul itself, and no copy of the base output either (an out-of-place addmm first copies its
+        # input into the new tensor). In place is safe: nothing else needs the base output, its matmul's
+        # backward included; and it is no view, or autograd would add copies to rebase the view.
         # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(a.dtype), a.reshape(-1, self.r),
-                          self.lora_B.weight.t(), alpha=self.scaling)  # (tokens, out)
-        return out.view(result.shape).to(result.dtype)
+        out = result.to(a.dtype)
+        out.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling)  # autocast skips in-place ops
+        return out.view(*shape[:-1], -1).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         # (out, r) @ (r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding

@@ -297,9 +297,23 @@ def test_under_autocast_the_lora_path_is_the_plain_low_precision_sum_and_copies_
     assert torch.equal(out, expected), f"max |diff| {(out.float() - expected.float()).abs().max().item():.3g}"
 
 
+def test_the_update_is_added_in_place_into_the_base_output_with_no_view_to_rebase():
+    # an out-of-place addmm would first copy the (tokens, out) base output into a new tensor; in place
+    # on a view of it, autograd would add copies (CopySlices) to rebase the view; neither happens
+    layer = LoRALinear(nn.Linear(8, 6), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    base_out = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: base_out.append(o))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 5, 6) and out.data_ptr() == base_out[0].data_ptr()
+    assert base_out[0].shape == (10, 6) and base_out[0]._base is None
+    assert "CopySlices" not in type(out.grad_fn).__name__ + type(out.grad_fn.next_functions[0][0]).__name__
+
+
 @pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8)])
 def test_the_fused_update_equals_base_plus_scaled_B_of_A_for_any_leading_shape(shape):
-    # forward() adds the update with one addmm over the flattened tokens; it must keep x's leading
+    # forward() adds the update with one addmm_ over the flattened tokens; it must keep x's leading
     # dimensions and give what the textbook formula gives, values and gradients
     layer = LoRALinear(nn.Linear(8, 6), r=4, alpha=8)
     nn.init.normal_(layer.lora_B.weight)
