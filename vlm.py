@@ -270,7 +270,22 @@ class VisionMLP(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
 
 
-class VisionBlock(nn.Module):
+class CompiledSteps(nn.Module):
+    """A module some of whose methods, named in `compiled_steps`, Qwen3VL.compile_layers replaces with
+    torch.compile'd copies bound to this instance."""
+
+    compiled_steps = ()
+
+    def __getstate__(self):
+        # a deepcopy would keep the compiled copies, bound to this module's weights, and pickle cannot
+        # take them. A copy runs uncompiled, as nn.Module drops its own compiled forward.
+        state = super().__getstate__()
+        for name in self.compiled_steps:
+            state.pop(name, None)
+        return state
+
+
+class VisionBlock(CompiledSteps):
     """Pre-norm attention + MLP, in three steps: the grouped attention in the middle loops over Python
     lists that change with every batch's images, so torch.compile (Qwen3VL.compile_layers) compiles
     only the two steps around it, which see tensors alone: after one recompile for dynamic shapes, a
@@ -294,16 +309,7 @@ class VisionBlock(nn.Module):
         x = x + self.attn.proj(y.flatten(1))  # heads concatenated: (N, C)
         return x + self.mlp(self.norm2(x))
 
-    compiled_steps = ("attention_inputs", "attention_output_mlp")  # what compile_layers compiles
-
-    def __getstate__(self):
-        # compile_layers binds compiled copies of the steps to this block; a deepcopy would keep them,
-        # bound to this block's weights, and pickle cannot take them. A copy runs uncompiled, as
-        # nn.Module drops its own compiled forward.
-        state = super().__getstate__()
-        for name in self.compiled_steps:
-            state.pop(name, None)
-        return state
+    compiled_steps = ("attention_inputs", "attention_output_mlp")
 
 
 class PatchMerger(nn.Module):
@@ -463,7 +469,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CompiledSteps):
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -474,6 +480,15 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def checkpointed(self, x, cos, sin, mask):
+        """forward with activation checkpointing: only the inputs are kept, backward recomputes the rest.
+        compile_layers compiles this method whole, checkpoint included, so the recompute happens inside
+        the compiled backward and only what backward needs is recomputed (not down_proj, whose output
+        only joins the residual stream); a compiled forward inside an eager checkpoint reruns all of it."""
+        return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, use_reentrant=False)
+
+    compiled_steps = ("checkpointed",)
 
 
 class TextModel(nn.Module):
@@ -521,11 +536,11 @@ class Qwen3VL(nn.Module):
         # needs no grad, the others' does; a mask or none; evaluation without grad; the first, static,
         # shape). Past dynamo's default limit of 8 it would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        for blk in self.model.visual.blocks:
-            for name in blk.compiled_steps:
-                setattr(blk, name, torch.compile(getattr(blk, name)))
         for layer in self.model.language_model.layers:
             layer.compile()
+        for m in self.modules():
+            for name in getattr(m, "compiled_steps", ()):
+                setattr(m, name, torch.compile(getattr(m, name)))
 
     def forward(self, input_ids, pixel_values=None, grid_thw=None, position_ids=None, mask=None,
                 cache=None, return_hidden=False):
@@ -555,7 +570,7 @@ class Qwen3VL(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, lm.cfg, x.dtype)
         for i, layer in enumerate(lm.layers):
             if self.grad_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = layer.checkpointed(x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
             if i < len(feats):  # DeepStack: vision features of block k join the residual after layer k

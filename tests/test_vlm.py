@@ -150,6 +150,37 @@ def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image
     assert counters["stats"]["unique_graphs"] == 4
 
 
+def test_compiled_checkpointed_layers_recompute_only_what_backward_needs(monkeypatch):
+    # compile_layers compiles DecoderLayer.checkpointed with the checkpoint inside, so backward recomputes
+    # only what it needs: not down_proj (its output only joins the residual, which needs no recompute).
+    # An eager checkpoint around a compiled forward would rerun all of it. Same gradients either way.
+    import lora
+    from torch.profiler import ProfilerActivity, profile
+    model = tiny_random_model_compiling_aot_eager(monkeypatch)
+    lora.inject_lora(model, r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    model.train()
+    model.grad_checkpointing = True
+    ids, w = torch.randint(20, 290, (2, 24)), torch.randn(2, 24, 64)
+
+    def step():  # -> (matmuls run, LoRA gradients)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            (model(ids, return_hidden=True) * w).sum().backward()
+        calls = {e.key: e.count for e in prof.key_averages()}
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return sum(calls.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")), grads
+    eager, want = step()
+    model.compile_layers()
+    step()  # the first call compiles
+    compiled, got = step()
+    assert compiled <= eager - 2 * model.cfg.text.num_hidden_layers, (compiled, eager)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+
+
 def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch):
     # compile_layers binds compiled steps to each vision block; a deepcopy must not keep running the
     # original block's weights, and the model must still pickle (both worked before the vision compile)
