@@ -1713,7 +1713,7 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
     if args.flex:
         cases.append(("independent flex", cases[-1][1], True, 1, "flex"))
     if args.compile:
-        model.compile_layers()
+        model.compile_layers(args.compile)
     hf = transformers_twin(model) if args.transformers else None
     rows, scores = [], {}
     for name, batches, masked, images, impl in cases:
@@ -1823,6 +1823,10 @@ def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, p
     return row
 
 
+def compiled_label(args):
+    return "" if not args.compile else " compile" if args.compile == "default" else f" compile {args.compile}"
+
+
 def bench_train(args, model, sep_id, device, dtype, peak):
     """One optimizer step of LoRA + value head on one packed sequence: forward, listwise CE, backward, AdamW."""
     cfg = model.cfg
@@ -1833,9 +1837,9 @@ def bench_train(args, model, sep_id, device, dtype, peak):
     model.grad_checkpointing = args.grad_ckpt
     model.attn_impl = "flex" if args.flex and args.mode == "independent" else "sdpa"
     if args.compile:
-        model.compile_layers()
+        model.compile_layers(args.compile)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "") + (" compile" if args.compile else "")
+    name = f"train r={args.lora_r} {args.mode}" + (" ckpt" if args.grad_ckpt else "") + compiled_label(args)
     return [time_train_step(name, score_fn(model, head, b, device, causal=args.mode == "joint"), params,
                             b, ranks, valid, cfg, args, device, peak, model.attn_impl)]
 
@@ -1971,7 +1975,7 @@ def bench(args):
     print(f"bench | {source} | {params:.3g}B params | text {t.num_hidden_layers}x{t.hidden_size} | vision "
           f"{v.depth}x{v.hidden_size} | {device.type} {str(dtype)[6:]} | measured matmul peak {peak:.3g} TFLOP/s")
     print(f"image {args.image_tokens} tokens | prompt {args.prompt_len} | N {args.n} x {args.resp_len} + sep | "
-          f"median of {args.repeats} after {args.warmup} warm-up" + (" | torch.compile" if args.compile else ""))
+          f"median of {args.repeats} after {args.warmup} warm-up" + (" |" + compiled_label(args) if args.compile else ""))
     out = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "source": source, "params_b": params,
            "device": device.type, "dtype": str(dtype), "peak_tflops": peak}
 
@@ -2016,8 +2020,11 @@ def add_bench_args(subparsers):
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile our decoder layers and vision blocks (forward rows and --train)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"), metavar="MODE",
+                   help="torch.compile our decoder layers and vision blocks (forward rows and --train); MODE is "
+                        "torch.compile's: default (when not given), reduce-overhead (each piece replayed as a "
+                        "CUDA graph) or max-autotune-no-cudagraphs")
     g.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                    help="also run independent mode through FlexAttention block masks (default: on CUDA)")
     g.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,

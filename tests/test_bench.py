@@ -279,3 +279,15 @@ def test_bench_settings_that_would_fail_or_mislead_are_one_line(flags, said, cap
         mrrm.main(["bench", "--config", "tiny", *flags])
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
+
+
+def test_a_compile_mode_reaches_every_compiled_piece_and_names_the_train_row(tiny, monkeypatch):
+    # --compile reduce-overhead (CUDA graphs) is torch.compile's mode for each decoder layer (forward and
+    # checkpointed) and each vision half; aot_eager here, which takes no mode (CUDA graphs need CUDA)
+    compile, modes = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or compile(fn, backend="aot_eager"))
+    out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers", "--compile", "reduce-overhead"]
+                    + SIZES)
+    assert "error" not in out["train"][0] and out["train"][0]["row"].endswith(" compile reduce-overhead"), out["train"]
+    cfg = vlm.Config.from_folder(tiny)
+    assert modes == ["reduce-overhead"] * (2 * cfg.text.num_hidden_layers + 2 * cfg.vision.depth), modes
