@@ -1586,18 +1586,26 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def call_step(fn):
+    # under CUDA graphs (--compile reduce-overhead) each timed call is a new step, whose replays may reuse
+    # the memory of the previous call's graph outputs (nothing holds them: the rows keep eager results)
+    if torch.cuda.is_initialized():  # no CUDA, no CUDA graphs (and no import of inductor on the CPU)
+        torch.compiler.cudagraph_mark_step_begin()
+    return fn()
+
+
 def timed(fn, device, warmup, repeats):
     """(median seconds over `repeats` calls after `warmup` calls, peak memory in GiB, last result)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        out = fn()
+        out = call_step(fn)
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        out = fn()
+        out = call_step(fn)
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), peak_memory_gb(device), out
@@ -1616,7 +1624,7 @@ def profile_once(fn, device, label, top, row):
     where = "device" if device.type == "cuda" else "cpu"
     try:  # a profiler that fails (no CUPTI, out of memory) must not cost the row its timings
         with torch.profiler.profile(activities=activities) as prof:
-            fn()
+            call_step(fn)
             sync(device)
         events = prof.key_averages()
         table = events.table(sort_by=f"self_{where}_time_total", row_limit=top)
