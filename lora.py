@@ -91,11 +91,12 @@ class LoRALinear(nn.Module):
         # (tokens, out) activations (forward and backward), which on CPU cost more than the rank-r
         # matmul itself, and no copy of the base output either (an out-of-place addmm first copies its
         # input into the new tensor). In place is safe: nothing else needs the base output, its matmul's
-        # backward included; and it is no view, or autograd would add copies to rebase the view.
+        # backward included (a forward hook on base_layer would see base + update); and it is no view,
+        # or autograd would add copies to rebase the view.
         # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
         out = result.to(a.dtype)
         out.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling)  # autocast skips in-place ops
-        return out.view(*shape[:-1], -1).to(result.dtype)
+        return out.view(*shape[:-1], out.shape[-1]).to(result.dtype)  # not -1: 0 tokens leave nothing to infer
 
     def delta_weight(self) -> torch.Tensor:
         # (out, r) @ (r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding

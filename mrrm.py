@@ -1586,12 +1586,16 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def call_step(fn):
-    # under CUDA graphs (--compile reduce-overhead) each timed call is a new step, whose replays may reuse
-    # the memory of the previous call's graph outputs (nothing holds them: the rows keep eager results)
-    if torch.cuda.is_initialized():  # no CUDA, no CUDA graphs (and no import of inductor on the CPU)
+def graph_steps(fn, args):
+    """fn, or under CUDA graphs (--compile reduce-overhead) fn starting a new graph step at each call, whose
+    replays may then reuse the memory of the last call's graph outputs (the rows keep eager results only)."""
+    if args.compile != "reduce-overhead":
+        return fn
+
+    def step():
         torch.compiler.cudagraph_mark_step_begin()
-    return fn()
+        return fn()
+    return step
 
 
 def timed(fn, device, warmup, repeats):
@@ -1600,12 +1604,12 @@ def timed(fn, device, warmup, repeats):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        out = call_step(fn)
+        out = fn()
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        out = call_step(fn)
+        out = fn()
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), peak_memory_gb(device), out
@@ -1624,7 +1628,7 @@ def profile_once(fn, device, label, top, row):
     where = "device" if device.type == "cuda" else "cpu"
     try:  # a profiler that fails (no CUPTI, out of memory) must not cost the row its timings
         with torch.profiler.profile(activities=activities) as prof:
-            call_step(fn)
+            fn()
             sync(device)
         events = prof.key_averages()
         table = events.table(sort_by=f"self_{where}_time_total", row_limit=top)
@@ -1729,9 +1733,10 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
         try:
             model.attn_impl = impl
             fns = [score_fn(model, head, b, device, causal=not masked) for b in batches]
+            run = graph_steps(lambda: [f() for f in fns], args)
             with torch.no_grad():
-                sec, mem, out = timed(lambda: [f() for f in fns], device, args.warmup, args.repeats)
-                profile_once(lambda: [f() for f in fns], device, name, args.profile, row)
+                sec, mem, out = timed(run, device, args.warmup, args.repeats)
+                profile_once(run, device, name, args.profile, row)
             scores[name] = torch.cat([o[:, :args.n].flatten() for o in out]).float().cpu()
             row.update(measure(cfg, batches, masked, images, impl, grids, sec, mem, peak))
         except Exception as e:  # one failing row (OOM, a kernel missing) must not cost the others
@@ -1814,6 +1819,7 @@ def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, p
         opt.zero_grad(set_to_none=True)
         return loss
     row = {"row": name}
+    step = graph_steps(step, args)
     try:
         sec, mem, _ = timed(step, device, args.warmup, args.repeats)
         profile_once(step, device, name, args.profile, row)

@@ -529,14 +529,15 @@ class Qwen3VL(nn.Module):
         return F.linear(hidden, self.output_weight)
 
     def compile_layers(self, mode="default"):
-        """torch.compile each decoder layer and the two halves of each vision block around its grouped
-        attention (see VisionBlock); the code between them, with its data-dependent shapes, stays eager.
+        """torch.compile each decoder layer (its forward, and its forward under activation checkpointing:
+        DecoderLayer.checkpointed) and the two halves of each vision block around its grouped attention
+        (see VisionBlock); the code between them, with its data-dependent shapes, stays eager.
         A batch of new length recompiles once, then the layers run with dynamic shapes. `mode` is
         torch.compile's: "reduce-overhead" replays each compiled piece as a CUDA graph, which pays where
         the CPU cannot launch kernels as fast as the GPU runs them, and records a graph per input shape."""
-        # The layers share one compiled forward, which training meets in up to 7 variants (layer 0's input
-        # needs no grad, the others' does; a mask or none; evaluation without grad; the first, static,
-        # shape). Past dynamo's default limit of 8 it would fall back to eager without a word.
+        # The layers share each compiled function, which training meets in several variants (layer 0's input
+        # needs no grad, the others' does; a mask or none; the first, static, shape; evaluation runs the
+        # forward without grad). Past dynamo's default limit of 8 it would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         kw = {} if mode == "default" else {"mode": mode}
         for layer in self.model.language_model.layers:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU bench (bf16, random weights of the real sizes), the goal figures first: a run cut short
 # by the device's time limit loses the least, and each run writes its JSON after every row. The runs'
-# timeouts add up to about 24 minutes; a session with 15 minutes of device time and 10 per call runs
+# timeouts add up to about 27 minutes; a session with 15 minutes of device time and 10 per call runs
 # the first two of these calls, the goal rows first (copy $OUT's *.json and the log out after each):
 #   ONLY="train_4b_r16_compile fwd_4b_n4_compile" bash .ci/gpu_bench.sh $OUT            # <= 7 minutes
-#   ONLY="train_4b_r16_cudagraphs fwd_4b_n4_cudagraphs" bash .ci/gpu_bench.sh $OUT      # <= 7 minutes
+#   ONLY="train_4b_r16_cudagraphs fwd_4b_n4_cudagraphs train_4b_r16_indep_compile" bash .ci/gpu_bench.sh $OUT  # <= 10 min
 #   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT       # <= 7 minutes
 # (the first took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
 # 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time: on
@@ -45,7 +45,9 @@ run fwd_4b_n4_compile 180 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 3 --
 # the same two with each compiled piece replayed as a CUDA graph (torch.compile's reduce-overhead): where the
 # CPU cannot launch the kernels as fast as the GPU runs them, this is what wall-clock time can gain
 run train_4b_r16_cudagraphs 240 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 16 --warmup 2 --repeats 3 --compile reduce-overhead --profile 15
-run fwd_4b_n4_cudagraphs 180 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 3 --repeats 5 --compile reduce-overhead --no-flex --no-transformers
+run fwd_4b_n4_cudagraphs 180 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 3 --repeats 5 --compile reduce-overhead --no-flex --profile 15
+# independent mode's train step: FlexAttention block masks inside the compiled checkpoint (CPU cannot test it)
+run train_4b_r16_indep_compile 150 --config $B4 $IMG --n 4 --resp-len $R256 --train --mode independent --lora-r 16 --warmup 2 --repeats 3 --compile --no-transformers
 # the same two eager; r = 128 (the paper's rank: the 24 GB goal)
 run train_4b_r16 100 --config $B4 $IMG --n 4 --resp-len $R256 --train --lora-r 16 --warmup 1 --repeats 3 --profile 15
 run fwd_4b_n4 100 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --no-flex --profile 5

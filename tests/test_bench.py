@@ -284,10 +284,13 @@ def test_bench_settings_that_would_fail_or_mislead_are_one_line(flags, said, cap
 def test_a_compile_mode_reaches_every_compiled_piece_and_names_the_train_row(tiny, monkeypatch):
     # --compile reduce-overhead (CUDA graphs) is torch.compile's mode for each decoder layer (forward and
     # checkpointed) and each vision half; aot_eager here, which takes no mode (CUDA graphs need CUDA)
-    compile, modes = torch.compile, []
+    # (each timed call then begins a new CUDA-graph step: 1 warm-up + 2 repeats in SIZES)
+    compile, modes, steps = torch.compile, [], []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or compile(fn, backend="aot_eager"))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
     out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers", "--compile", "reduce-overhead"]
                     + SIZES)
     assert "error" not in out["train"][0] and out["train"][0]["row"].endswith(" compile reduce-overhead"), out["train"]
     cfg = vlm.Config.from_folder(tiny)
     assert modes == ["reduce-overhead"] * (2 * cfg.text.num_hidden_layers + 2 * cfg.vision.depth), modes
+    assert len(steps) == 3, steps

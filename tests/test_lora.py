@@ -311,7 +311,7 @@ def test_the_update_is_added_in_place_into_the_base_output_with_no_view_to_rebas
     assert "CopySlices" not in type(out.grad_fn).__name__ + type(out.grad_fn.next_functions[0][0]).__name__
 
 
-@pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8)])
+@pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8), (0, 8), (2, 0, 8)])
 def test_the_fused_update_equals_base_plus_scaled_B_of_A_for_any_leading_shape(shape):
     # forward() adds the update with one addmm_ over the flattened tokens; it must keep x's leading
     # dimensions and give what the textbook formula gives, values and gradients

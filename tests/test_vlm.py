@@ -182,8 +182,8 @@ def test_compiled_checkpointed_layers_recompute_only_what_backward_needs(monkeyp
 
 
 def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch):
-    # compile_layers binds compiled steps to each vision block; a deepcopy must not keep running the
-    # original block's weights, and the model must still pickle (both worked before the vision compile)
+    # compile_layers binds compiled steps to each vision block and decoder layer; a deepcopy must not keep
+    # running the original's weights, and the model must still pickle (both worked before the vision compile)
     import copy
     import pickle
     model = tiny_random_model_compiling_aot_eager(monkeypatch)
@@ -196,6 +196,13 @@ def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch
         x, cos, sin = torch.randn(64, 32), torch.ones(64, 1, 16), torch.zeros(64, 1, 16)
         assert torch.equal(block(x, cos, sin, [(64, None)]), x)
         assert not torch.equal(model.model.visual.blocks[0](x, cos, sin, [(64, None)]), x)
+    layer = copy.deepcopy(model.model.language_model.layers[0])
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    x, cos, sin = torch.randn(1, 8, 64, requires_grad=True), torch.ones(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
+    assert torch.equal(layer.checkpointed(x, cos, sin, None), x)
+    assert not torch.equal(model.model.language_model.layers[0].checkpointed(x, cos, sin, None), x)
 
 
 def test_video_logits_match_transformers(pair):
