@@ -533,8 +533,8 @@ class Qwen3VL(nn.Module):
         DecoderLayer.checkpointed) and the two halves of each vision block around its grouped attention
         (see VisionBlock); the code between them, with its data-dependent shapes, stays eager.
         A batch of new length recompiles once, then the layers run with dynamic shapes. `mode` is
-        torch.compile's: "reduce-overhead" replays each compiled piece as a CUDA graph, which pays where
-        the CPU cannot launch kernels as fast as the GPU runs them, and records a graph per input shape."""
+        torch.compile's: "reduce-overhead" replays each compiled piece as a CUDA graph, meant for where the
+        CPU cannot launch kernels as fast as the GPU runs them; it records a graph per input shape."""
         # The layers share each compiled function, which training meets in several variants (layer 0's input
         # needs no grad, the others' does; a mask or none; the first, static, shape; evaluation runs the
         # forward without grad). Past dynamo's default limit of 8 it would fall back to eager without a word.
