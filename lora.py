@@ -2,7 +2,8 @@
 
 What it does: `inject_lora` swaps each targeted nn.Linear for a `LoRALinear` that keeps the frozen
 layer as `base_layer` and adds `B(A(dropout(x))) * scaling`, then freezes everything else. Module
-paths become `...q_proj.base_layer`, as in peft, so `export_peft` writes an adapter that
+paths become `...o_proj.base_layer`, as in peft. vlm's fused q/k/v and gate/up layers get one adapter
+per part, saved under the part's own name, so `export_peft` writes an adapter that
 `peft.PeftModel.from_pretrained` loads onto transformers' Qwen3VLForConditionalGeneration.
 Also: disable the adapter (GRPO's reference model), merge/unmerge/strip for export, save/load the
 adapter with safetensors (strict), and count parameters.
@@ -33,6 +34,8 @@ Decisions worth knowing:
 - Merge computes B@A in fp32 and rounds once into the base dtype. Unmerge subtracts it again, which
   restores the base weight only up to rounding ((w + d) - d != w in floating point, fp32 included:
   ~1e-7 there, ~1e-3 in bf16), so a layer that was merged and unmerged refuses to be disabled too.
+- With dropout, the parts of a fused layer (q/k/v, gate/up) share one dropout mask of their common
+  input; peft, with separate layers, draws one per projection.
 """
 
 import json
@@ -53,7 +56,7 @@ VISION_TARGETS = (r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + B(A(dropout(x))) * scaling; A (r, in), B (out, r); the base layer stays frozen."""
+    """y = base(x) + B(A(dropout(x))) * scaling; A (r, in), B (out, r) per part; the base layer stays frozen."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
@@ -64,9 +67,21 @@ class LoRALinear(nn.Module):
         # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's scale stable as r grows
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        # A base layer with `parts` ((name, out_features), ...: vlm.FusedLinear, q/k/v or gate/up stacked
+        # by rows) gets one rank-r adapter per part, as peft puts one on each separate layer: lora_A
+        # stacks the parts' A's (n r, in), so all of them are one matmul, and lora_B the parts' B's by
+        # rows (out, r); each part's rows of B only see its own r columns of A's output (block_B()).
+        self.parts = getattr(base_layer, "parts", None)
+        n = len(self.parts) if self.parts else 1
+        self.lora_A = nn.Linear(base_layer.in_features, n * r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        # A like nn.Linear's own init, B zero: the wrapped model starts exactly equal to the base
+        if self.parts:
+            part_of_row = torch.repeat_interleave(torch.arange(n), torch.tensor([rows for _, rows in self.parts]))
+            # (out, n, 1): 1 where an output row belongs to part g; not saved, rebuilt from `parts`
+            self.register_buffer("block", (part_of_row[:, None] == torch.arange(n))[..., None].to(device, torch.float32),
+                                 persistent=False)
+        # A like nn.Linear's own init, B zero: the wrapped model starts exactly equal to the base. A's
+        # bound depends only on in_features, so the stacked A's of a fused layer draw as separate ones would
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -86,7 +101,7 @@ class LoRALinear(nn.Module):
         # fp32 first would only add a copy of x and autocast's cast straight back (both again in
         # backward), four passes over x per layer for the same values
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
-        a = self.lora_A(self.dropout(x.to(dtype)))  # (tokens, r)
+        a = self.lora_A(self.dropout(x.to(dtype)))  # (tokens, n r)
         # result += scaling * a @ B^T as one in-place addmm: no separate scale and add passes over the
         # (tokens, out) activations (forward and backward), which on CPU cost more than the rank-r
         # matmul itself, and no copy of the base output either (an out-of-place addmm first copies its
@@ -95,12 +110,22 @@ class LoRALinear(nn.Module):
         # or autograd would add copies to rebase the view.
         # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
         out = result.to(a.dtype)
-        out.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling)  # autocast skips in-place ops
+        out.addmm_(a, self.block_B().t().to(a.dtype), alpha=self.scaling)  # autocast skips in-place ops
         return out.view(*shape[:-1], out.shape[-1]).to(result.dtype)  # not -1: 0 tokens leave nothing to infer
 
+    def block_B(self) -> torch.Tensor:
+        """B as (out, n r) for A's (tokens, n r) output: each part's rows keep their B in that part's r
+        columns and are zero elsewhere (block diagonal), so one matmul adds every part's own update.
+        The zeros cost (n - 1) r extra multiply-adds per output, small beside the base matmul's `in`,
+        and their gradient is masked too: B's own gradient is exactly each part's."""
+        B = self.lora_B.weight
+        if self.parts is None:
+            return B  # (out, r)
+        return (B[:, None, :] * self.block).flatten(1)  # (out, 1, r) * (out, n, 1) -> (out, n, r) -> (out, n r)
+
     def delta_weight(self) -> torch.Tensor:
-        # (out, r) @ (r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        # (out, n r) @ (n r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding
+        return (self.block_B().float() @ self.lora_A.weight.float()) * self.scaling
 
     def set_enabled(self, enabled: bool) -> None:
         if not enabled and self.merged:
@@ -129,7 +154,9 @@ class LoRALinear(nn.Module):
         self.merged, self.rounded = False, True
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, enabled={self.enabled}"
+        parts = f", parts={'/'.join(name for name, _ in self.parts)}" if self.parts else ""
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{parts}, merged={self.merged}, "
+                f"enabled={self.enabled}")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -141,14 +168,26 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                 targets=DEFAULT_TARGETS, use_rslora: bool = False) -> list[str]:
-    """Wrap every nn.Linear whose full name fullmatches a pattern; freeze all but lora_A/lora_B."""
+    """Wrap every nn.Linear whose full name fullmatches a pattern; freeze all but lora_A/lora_B.
+    A layer with `parts` (vlm.FusedLinear) is also matched by its parts' names (`...self_attn.q_proj`
+    for qkv_proj, as in the checkpoint and peft), all of them or none: one matmul cannot adapt only q.
+    Returns the wrapped modules' names."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; inject_lora is applied once per model")
     if isinstance(targets, str):
         targets = [targets]
     patterns = [re.compile(t) for t in targets]
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(p.fullmatch(name) for p in patterns)]
+    names = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        parts = [_part_name(name, part) for part, _ in getattr(m, "parts", ())]
+        hits = [n for n in parts if any(p.fullmatch(n) for p in patterns)]
+        if hits and len(hits) < len(parts):
+            raise ValueError(f"LoRA targets match {', '.join(hits)} but not all of {', '.join(parts)}, which run "
+                             f"as one fused matmul ({name}): target all of them or none")
+        if hits or any(p.fullmatch(name) for p in patterns):
+            names.append(name)
     if not names:
         raise ValueError("LoRA targets matched no nn.Linear module; patterns (re.fullmatch on full "
                          "module names): " + ", ".join(targets))
@@ -215,12 +254,25 @@ def strip_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _part_name(name: str, part: str) -> str:
+    """The checkpoint name of one part of the fused layer `name`: its sibling (a.qkv_proj -> a.q_proj)."""
+    parent = name.rpartition(".")[0]
+    return f"{parent}.{part}" if parent else part
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`<module>.lora_A.weight` (r, in) and `<module>.lora_B.weight` (out, r) for every LoRA layer."""
+    """`<module>.lora_A.weight` (r, in) and `<module>.lora_B.weight` (out, r) for every LoRA layer, under
+    peft's names: a fused layer's parts each under their own (row views of its A and B, no copies)."""
     sd = {}
     for name, layer in lora_layers(model):
-        sd[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        sd[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        if not layer.parts:
+            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = A, B
+            continue
+        B_parts = B.split([rows for _, rows in layer.parts])
+        for i, ((part, _), B_part) in enumerate(zip(layer.parts, B_parts)):
+            sd[f"{_part_name(name, part)}.lora_A.weight"] = A[i * layer.r:(i + 1) * layer.r]  # (r, in)
+            sd[f"{_part_name(name, part)}.lora_B.weight"] = B_part  # (rows, r)
     return sd
 
 
@@ -279,7 +331,7 @@ def export_peft(model: nn.Module, folder: str, base_model_name_or_path: str = ""
     peft wraps the transformers model as `PeftModel.base_model (LoraModel).model`, hence the
     "base_model.model." prefix; it drops the adapter name ("default") from keys when saving."""
     hp = _hyperparameters(model)
-    names = [name for name, _ in lora_layers(model)]
+    names = {key.rsplit(".lora_", 1)[0] for key in lora_state_dict(model)}  # the checkpoint's module names
     os.makedirs(folder, exist_ok=True)
     config = {
         "peft_type": "LORA",

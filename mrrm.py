@@ -700,7 +700,8 @@ def load_checkpoint(folder, named_params, optimizer):
     if set(saved) != set(named_params):
         missing, extra = sorted(set(named_params) - set(saved)), sorted(set(saved) - set(named_params))
         raise ValueError(f"{folder}: checkpoint does not match the model being trained; missing {missing[:5]}, "
-                         f"unexpected {extra[:5]} (different LoRA targets or head size?)")
+                         f"unexpected {extra[:5]} (different LoRA targets or head size, or a run of mrrm before "
+                         f"q/k/v and gate/up were fused?)")
     with torch.no_grad():
         for k, p in named_params.items():
             p.copy_(saved[k])
@@ -1677,12 +1678,12 @@ def transformers_model(cfg, device, dtype):
 
 def transformers_twin(model):
     """transformers' Qwen3VLForConditionalGeneration with our weights copied in, or None when
-    transformers is not installed. Our module names are the checkpoint's, so the state dict loads as is."""
+    transformers is not installed. hub_state_dict gives our weights under the checkpoint's names."""
     if importlib.util.find_spec("transformers") is None:
         return None
     p = next(model.parameters())
     hf = transformers_model(model.cfg, p.device, p.dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(vlm.hub_state_dict(model), strict=False)
     tied = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"transformers twin: missing {missing}, unexpected {unexpected}")

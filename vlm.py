@@ -5,7 +5,8 @@ What is here, top to bottom:
   - Config: dataclasses read from a checkpoint folder's config.json (defaults = Qwen3-VL-4B).
   - The vision tower (patch embed, interpolated learned positions, 2D rotary, per-image attention,
     2x2 merger, DeepStack mergers) and the Qwen3 decoder (RMSNorm, q/k-norm, GQA, SwiGLU,
-    interleaved M-RoPE, DeepStack injection). Module names equal the checkpoint's tensor names.
+    interleaved M-RoPE, DeepStack injection). Module names equal the checkpoint's tensor names,
+    except that q/k/v and gate/up run fused (FusedLinear; split back by hub_state_dict()).
   - attention_mask(): the ONE function that builds every boolean attention mask in mrrm
     (causal, padding, cached decoding, and the reward model's independent-response blocks).
   - A strict safetensors loader (single file or sharded) that builds the model on the meta device
@@ -423,23 +424,35 @@ def mrope_cos_sin(position_ids, cfg, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class FusedLinear(nn.Linear):
+    """Several projections of the same input kept as one weight, so they run as one matmul (and
+    backward's input gradient as one, with no sum of three): the checkpoint's q_proj, k_proj and
+    v_proj rows stacked in that order, as gpt-fast's wqkv. `parts` are (checkpoint name, out_features)
+    in row order; hub_state_dict() and load_model() split and join the weight by them, so checkpoints
+    and module names elsewhere stay the Hub's."""
+
+    def __init__(self, in_features, parts, bias=False):
+        super().__init__(in_features, sum(n for _, n in parts), bias=bias)
+        self.parts = tuple(parts)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=b)
+        self.qkv_sizes = [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.qkv_proj = FusedLinear(cfg.hidden_size, list(zip(("q_proj", "k_proj", "v_proj"), self.qkv_sizes)), bias=b)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=b)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # column slices of (B, T, (nh + 2 nkv) hd)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -461,12 +474,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, [("gate_proj", cfg.intermediate_size),
+                                                          ("up_proj", cfg.intermediate_size)])
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., 2 * inter) -> two (..., inter)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(CompiledSteps):
@@ -636,12 +650,39 @@ def _safetensor_keys(path):
         return list(f.keys())
 
 
+def hub_layout(model):
+    """checkpoint tensor name -> (state_dict key, first row, rows). A FusedLinear's weight (and bias)
+    holds several checkpoint tensors stacked along dim 0; any other tensor is its own (0, None).
+    For a model without LoRA layers (what load_model builds and save_model writes)."""
+    fused = {name: m for name, m in model.named_modules() if isinstance(m, FusedLinear)}
+    layout = {}
+    for key in model.state_dict():
+        module, _, param = key.rpartition(".")
+        if module not in fused:
+            layout[key] = (key, 0, None)
+            continue
+        parent, start = module.rpartition(".")[0], 0
+        for part, rows in fused[module].parts:
+            layout[f"{parent}.{part}.{param}" if parent else f"{part}.{param}"] = (key, start, rows)
+            start += rows
+    return layout
+
+
+def hub_state_dict(model):
+    """model.state_dict() under the checkpoint's names and shapes (fused weights as row views, no copies)."""
+    state = model.state_dict()
+    return {name: state[key] if rows is None else state[key].narrow(0, start, rows)
+            for name, (key, start, rows) in hub_layout(model).items()}
+
+
 def load_model(folder, dtype=torch.float32, device="cpu"):
-    """Build Qwen3VL on the meta device and assign each tensor once, in `dtype` on `device`."""
+    """Build Qwen3VL on the meta device and assign each tensor once, in `dtype` on `device`;
+    q/k/v and gate/up are copied into their fused weights as they are read (no second full copy)."""
     cfg = Config.from_folder(folder)
     with torch.device("meta"):
         model = Qwen3VL(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    layout, shapes = hub_layout(model), {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in hub_state_dict(model).items()}
     where = read_checkpoint_index(folder)
     missing = sorted(set(expected) - set(where))
     unexpected = sorted(set(where) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
@@ -661,7 +702,13 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
                     problems.append(f"shape mismatch: {name} is {tuple(t.shape)} in {os.path.basename(path)}, "
                                     f"the config needs {tuple(expected[name])}")
                     continue
-                state[name] = t.to(dtype)
+                key, start, rows = layout[name]
+                if rows is None:
+                    state[key] = t.to(dtype)
+                    continue
+                if key not in state:
+                    state[key] = torch.empty(shapes[key], dtype=dtype, device=device)
+                state[key][start:start + rows] = t
     problems += [f"not in its shard: {k} (the index names {os.path.basename(p)}, which does not hold it)"
                  for k, p in sorted(where.items()) if k in expected and k not in found and os.path.isfile(p)]
     if problems:
@@ -672,12 +719,12 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
 
 
 def save_model(model, folder, shard_bytes=None):
-    """Write config.json + safetensors (sharded with an index when shard_bytes is given)."""
+    """Write config.json + safetensors in the Hub layout (sharded with an index when shard_bytes is given)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(model.cfg.to_dict(), f, indent=2)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in hub_state_dict(model).items()}
     if shard_bytes is None:
         save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         return
@@ -1227,7 +1274,9 @@ def tiny_config(vocab_size, special, **over):
 
 def init_weights(model, std=0.02, seed=0):
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
+    # in checkpoint order and shapes (each fused part drawn on its own), so the tensors a seed
+    # writes do not depend on how the model stores them
+    for name, p in hub_state_dict(model).items():
         with torch.no_grad():
             if "norm" in name and name.endswith("weight"):
                 p.fill_(1.0)

@@ -474,3 +474,72 @@ def test_adapter_disabled_leaves_a_disabled_adapter_disabled():
     with adapter_disabled(m):
         pass
     assert not m[0].enabled
+
+
+def fused_and_separate(seed: int = 0, r: int = 3):
+    """A vlm.FusedLinear of three parts (sizes 6, 2, 2, like q/k/v under GQA) with LoRA, and three
+    plain layers with LoRA holding the same base rows and the same A/B pieces: peft's layout."""
+    import vlm
+    torch.manual_seed(seed)
+    fused = nn.Sequential()
+    fused.add_module("qkv_proj", vlm.FusedLinear(5, [("q_proj", 6), ("k_proj", 2), ("v_proj", 2)], bias=True))
+    separate = nn.Sequential()
+    for name, rows in zip(("q_proj", "k_proj", "v_proj"), fused.qkv_proj.weight.split([6, 2, 2])):
+        separate.add_module(name, nn.Linear(5, rows.shape[0]))
+    with torch.no_grad():
+        for layer, w, b in zip(separate, fused.qkv_proj.weight.split([6, 2, 2]), fused.qkv_proj.bias.split([6, 2, 2])):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    assert inject_lora(fused, r=r, alpha=2 * r, targets=[r"q_proj", r"k_proj", r"v_proj"]) == ["qkv_proj"]
+    inject_lora(separate, r=r, alpha=2 * r, targets=[r"(q|k|v)_proj"])
+    randomize_lora_B(fused)
+    with torch.no_grad():  # the separate layers get the fused layer's pieces, by their checkpoint names
+        for k, v in lora_state_dict(fused).items():
+            separate.get_parameter(k).copy_(v)
+    return fused, separate
+
+
+def test_a_fused_layer_adapts_each_part_exactly_as_separate_layers_and_gets_their_gradients():
+    fused, separate = fused_and_separate()
+    x = torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(4, 7, 10, generator=torch.Generator().manual_seed(4))
+    got = fused.qkv_proj(x)
+    want = torch.cat([layer(x) for layer in separate], dim=-1)  # (4, 7, 6 + 2 + 2)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    parts = ("q_proj", "k_proj", "v_proj")
+    layer = fused.qkv_proj
+    # the fused A stacks the parts' A's, the fused B their B's: each part's rows of the gradients must
+    # be that part's own, so nothing leaks through the zero blocks of B into another part
+    for name in ("lora_A", "lora_B"):
+        want_grad = torch.cat([getattr(separate.get_submodule(p), name).weight.grad for p in parts])
+        got_grad = getattr(layer, name).weight.grad
+        assert torch.allclose(got_grad, want_grad, atol=1e-6), (name, (got_grad - want_grad).abs().max())
+
+
+def test_a_fused_layer_merges_saves_and_exports_under_each_parts_name(tmp_path):
+    fused, separate = fused_and_separate()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(5))
+    keys = sorted(lora_state_dict(fused))
+    assert keys == sorted(lora_state_dict(separate)), keys  # q_proj.lora_A.weight, ... as peft names them
+    save_lora(fused, str(tmp_path / "a.safetensors"))
+    other, _ = fused_and_separate(seed=1)
+    load_lora(other, str(tmp_path / "a.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(lora_state_dict(other).values(), lora_state_dict(fused).values()))
+    export_peft(fused, str(tmp_path / "peft"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "q_proj", "v_proj"], config["target_modules"]
+    want = torch.cat([layer(x) for layer in separate], dim=-1)
+    merge_lora(fused)  # block-diagonal B: each part's rows get only their own B @ A
+    with torch.no_grad():
+        assert torch.allclose(fused.qkv_proj(x), want, atol=1e-5)
+
+
+def test_targets_naming_only_some_parts_of_a_fused_layer_raise_and_name_them():
+    import vlm
+    model = nn.Sequential()
+    model.add_module("gate_up_proj", vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]))
+    with pytest.raises(ValueError, match=r"match gate_proj but not all of gate_proj, up_proj.*gate_up_proj"):
+        inject_lora(model, targets=[r"gate_proj"])
+    assert inject_lora(model, targets=[r"gate_up_proj"]) == ["gate_up_proj"]  # its own name works too

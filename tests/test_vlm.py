@@ -524,6 +524,23 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
         assert torch.equal(x, y), k
 
 
+def test_fused_weights_hold_the_checkpoints_tensors_in_order_and_save_back_to_them(tiny, tmp_path):
+    # q/k/v and gate/up run as one matmul each; the files keep the Hub's separate tensors
+    ours = vlm.load_model(tiny)
+    files = vlm.load_safetensors(os.path.join(tiny, "model.safetensors"))
+    layer = "model.language_model.layers.1."
+    attn, mlp = ours.get_submodule(layer + "self_attn"), ours.get_submodule(layer + "mlp")
+    assert isinstance(attn.qkv_proj, vlm.FusedLinear) and isinstance(mlp.gate_up_proj, vlm.FusedLinear)
+    want = torch.cat([files[layer + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(attn.qkv_proj.weight, want)
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([files[layer + "mlp.gate_proj.weight"],
+                                                           files[layer + "mlp.up_proj.weight"]]))
+    vlm.save_model(ours, str(tmp_path))
+    saved = vlm.load_safetensors(str(tmp_path / "model.safetensors"))
+    assert saved.keys() == files.keys()
+    assert all(torch.equal(saved[k], files[k]) for k in files)
+
+
 def test_loader_assigns_requested_dtype_without_fp32_copies(tiny):
     m = vlm.load_model(tiny, dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
@@ -742,9 +759,13 @@ def test_gradients_match_transformers(tmp_path, grid):
     weights = torch.randn(ids.shape[1], 300, generator=torch.Generator().manual_seed(5))
     (ref(input_ids=ids, mm_token_type_ids=(ids == IMG).int(), pixel_values=rows, image_grid_thw=grid).logits[0] * weights).sum().backward()
     (ours(ids, rows, grid, vlm.rope_positions(ids[0], grid, ours.cfg)[:, None])[0] * weights).sum().backward()
-    theirs = dict(ref.named_parameters())
-    worst = max((((p.grad - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12)).item(), n)
-                for n, p in ours.named_parameters())
+    theirs, params = dict(ref.named_parameters()), dict(ours.named_parameters())
+    # each checkpoint tensor's gradient, fused q/k/v and gate/up split back into their rows
+    grads = {n: params[key].grad if rows is None else params[key].grad[start:start + rows]
+             for n, (key, start, rows) in vlm.hub_layout(ours).items()}
+    assert len(grads) == len(theirs) - ("lm_head.weight" in theirs and ours.cfg.tie_word_embeddings), sorted(set(theirs) - set(grads))
+    worst = max((((g - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12)).item(), n)
+                for n, g in grads.items())
     assert worst[0] <= 1e-4, f"relative gradient difference {worst[0]:.2e} at {worst[1]}"
 
 
