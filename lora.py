@@ -58,7 +58,8 @@ VISION_TARGETS = (r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc
 class LoRALinear(nn.Module):
     """y = base(x) + B(A(dropout(x))) * scaling; A (r, in), B (out, r) per part; the base layer stays frozen."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 parts=None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got r={r}")
@@ -68,17 +69,31 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = base_layer.weight.device
         # A base layer with `parts` ((name, out_features), ...: vlm.FusedLinear, q/k/v or gate/up stacked
-        # by rows) gets one rank-r adapter per part, as peft puts one on each separate layer: lora_A
-        # stacks the parts' A's (n r, in), so all of them are one matmul, and lora_B the parts' B's by
-        # rows (out, r); each part's rows of B only see its own r columns of A's output (block_B()).
-        self.parts = getattr(base_layer, "parts", None)
+        # by rows) gets one rank-r adapter per adapted part (`parts`: their names; default all), as peft
+        # puts one on each separate layer: lora_A stacks the n adapted parts' A's (n r, in), so all of
+        # them are one matmul, and lora_B their B's by rows; each part's output rows only see its own r
+        # columns of A's output, and a part left out gets no update (block_B()).
+        fused = getattr(base_layer, "parts", None)
+        unknown = sorted(set(parts or ()) - {name for name, _ in fused or ()})
+        if unknown or parts is not None and not parts:
+            raise ValueError(f"LoRA parts {unknown or parts} are not parts of this layer "
+                             f"(its parts: {', '.join(name for name, _ in fused or ()) or 'none'})")
+        self.parts = fused and tuple((name, rows) for name, rows in fused if parts is None or name in parts)
         n = len(self.parts) if self.parts else 1
         self.lora_A = nn.Linear(base_layer.in_features, n * r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, sum(rows for _, rows in self.parts) if self.parts else base_layer.out_features,
+                                bias=False, device=device, dtype=torch.float32)
         if self.parts:
-            part_of_row = torch.repeat_interleave(torch.arange(n), torch.tensor([rows for _, rows in self.parts]))
-            # (out, n, 1): 1 where an output row belongs to part g; not saved, rebuilt from `parts`
+            adapted = [name for name, _ in self.parts]
+            # per output row of the base layer: its adapted part (-1: none) and its row in lora_B
+            part_of_row = torch.cat([torch.full((rows,), adapted.index(name) if name in adapted else -1)
+                                     for name, rows in fused])
+            row_in_B = (part_of_row >= 0).cumsum(0).sub(1).clamp(min=0)
+            # (out, n, 1): 1 where an output row belongs to adapted part g; not saved, rebuilt from `parts`
             self.register_buffer("block", (part_of_row[:, None] == torch.arange(n))[..., None].to(device, torch.float32),
+                                 persistent=False)
+            # only when a part is left out do B's rows and the output's differ (a gather then, else none)
+            self.register_buffer("row_in_B", None if len(self.parts) == len(fused) else row_in_B.to(device),
                                  persistent=False)
         # A like nn.Linear's own init, B zero: the wrapped model starts exactly equal to the base. A's
         # bound depends only on in_features, so the stacked A's of a fused layer draw as separate ones would
@@ -119,8 +134,10 @@ class LoRALinear(nn.Module):
         The zeros cost (n - 1) r extra multiply-adds per output, small beside the base matmul's `in`,
         and their gradient is masked too: B's own gradient is exactly each part's."""
         B = self.lora_B.weight
-        if self.parts is None:
+        if not self.parts:
             return B  # (out, r)
+        if self.row_in_B is not None:
+            B = B[self.row_in_B]  # (adapted rows, r) -> (out, r); rows of parts left out are masked below
         return (B[:, None, :] * self.block).flatten(1)  # (out, 1, r) * (out, n, 1) -> (out, n, r) -> (out, n r)
 
     def delta_weight(self) -> torch.Tensor:
@@ -170,24 +187,23 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float
                 targets=DEFAULT_TARGETS, use_rslora: bool = False) -> list[str]:
     """Wrap every nn.Linear whose full name fullmatches a pattern; freeze all but lora_A/lora_B.
     A layer with `parts` (vlm.FusedLinear) is also matched by its parts' names (`...self_attn.q_proj`
-    for qkv_proj, as in the checkpoint and peft), all of them or none: one matmul cannot adapt only q.
-    Returns the wrapped modules' names."""
+    for qkv_proj, as in the checkpoint and peft): only the parts matched get an adapter (q and v alone,
+    as in the LoRA paper), all of them when the fused name itself matches. Returns the wrapped modules' names."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; inject_lora is applied once per model")
     if isinstance(targets, str):
         targets = [targets]
     patterns = [re.compile(t) for t in targets]
-    names = []
+    chosen = {}  # module name -> the names of its parts to adapt (None: all, or not fused)
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        parts = [_part_name(name, part) for part, _ in getattr(m, "parts", ())]
-        hits = [n for n in parts if any(p.fullmatch(n) for p in patterns)]
-        if hits and len(hits) < len(parts):
-            raise ValueError(f"LoRA targets match {', '.join(hits)} but not all of {', '.join(parts)}, which run "
-                             f"as one fused matmul ({name}): target all of them or none")
-        if hits or any(p.fullmatch(name) for p in patterns):
-            names.append(name)
+        hits = [part for part, _ in getattr(m, "parts", ()) if any(p.fullmatch(_part_name(name, part)) for p in patterns)]
+        if any(p.fullmatch(name) for p in patterns):
+            chosen[name] = None
+        elif hits:
+            chosen[name] = hits
+    names = list(chosen)
     if not names:
         raise ValueError("LoRA targets matched no nn.Linear module; patterns (re.fullmatch on full "
                          "module names): " + ", ".join(targets))
@@ -196,7 +212,7 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, use_rslora))
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), r, alpha, dropout, use_rslora, parts=chosen[name]))
     return names
 
 

@@ -476,9 +476,10 @@ def test_adapter_disabled_leaves_a_disabled_adapter_disabled():
     assert not m[0].enabled
 
 
-def fused_and_separate(seed: int = 0, r: int = 3):
-    """A vlm.FusedLinear of three parts (sizes 6, 2, 2, like q/k/v under GQA) with LoRA, and three
-    plain layers with LoRA holding the same base rows and the same A/B pieces: peft's layout."""
+def fused_and_separate(seed: int = 0, r: int = 3, targets=(r"q_proj", r"k_proj", r"v_proj")):
+    """A vlm.FusedLinear of three parts (sizes 6, 2, 2, like q/k/v under GQA) with LoRA on the parts
+    `targets` name, and three plain layers, the same ones with LoRA, holding the same base rows and the
+    same A/B pieces: peft's layout."""
     import vlm
     torch.manual_seed(seed)
     fused = nn.Sequential()
@@ -490,8 +491,8 @@ def fused_and_separate(seed: int = 0, r: int = 3):
         for layer, w, b in zip(separate, fused.qkv_proj.weight.split([6, 2, 2]), fused.qkv_proj.bias.split([6, 2, 2])):
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-    assert inject_lora(fused, r=r, alpha=2 * r, targets=[r"q_proj", r"k_proj", r"v_proj"]) == ["qkv_proj"]
-    inject_lora(separate, r=r, alpha=2 * r, targets=[r"(q|k|v)_proj"])
+    assert inject_lora(fused, r=r, alpha=2 * r, targets=list(targets)) == ["qkv_proj"]
+    inject_lora(separate, r=r, alpha=2 * r, targets=list(targets))
     randomize_lora_B(fused)
     with torch.no_grad():  # the separate layers get the fused layer's pieces, by their checkpoint names
         for k, v in lora_state_dict(fused).items():
@@ -536,10 +537,57 @@ def test_a_fused_layer_merges_saves_and_exports_under_each_parts_name(tmp_path):
         assert torch.allclose(fused.qkv_proj(x), want, atol=1e-5)
 
 
-def test_targets_naming_only_some_parts_of_a_fused_layer_raise_and_name_them():
+def test_targets_naming_some_parts_of_a_fused_layer_adapt_only_those():
+    # LoRA on q and v alone, as in the LoRA paper: k's rows of the fused output stay the base's exactly
+    fused, separate = fused_and_separate(targets=[r"q_proj", r"v_proj"])
+    assert sorted(lora_state_dict(fused)) == sorted(lora_state_dict(separate)), sorted(lora_state_dict(fused))
+    assert not any(k.startswith("k_proj") for k in lora_state_dict(fused))
+    assert fused.qkv_proj.lora_A.weight.shape == (2 * 3, 5) and fused.qkv_proj.lora_B.weight.shape == (6 + 2, 3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(4, 10, generator=torch.Generator().manual_seed(4))
+    got = fused.qkv_proj(x)
+    want = torch.cat([layer(x) for layer in separate], dim=-1)  # (4, 6 + 2 + 2)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    assert torch.equal(got[:, 6:8], fused.qkv_proj.base_layer(x)[:, 6:8])
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    for name in ("lora_A", "lora_B"):
+        want_grad = torch.cat([getattr(separate.get_submodule(p), name).weight.grad for p in ("q_proj", "v_proj")])
+        assert torch.allclose(getattr(fused.qkv_proj, name).weight.grad, want_grad, atol=1e-6), name
+    merge_lora(fused)
+    with torch.no_grad():
+        assert torch.allclose(fused.qkv_proj(x), want, atol=1e-5)
+
+
+def test_naming_a_part_a_fused_layer_does_not_have_raises():
     import vlm
+    with pytest.raises(ValueError, match=r"\['w_proj'\] are not parts of this layer \(its parts: gate_proj, up_proj\)"):
+        LoRALinear(vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]), r=2, alpha=4, parts=["up_proj", "w_proj"])
     model = nn.Sequential()
     model.add_module("gate_up_proj", vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]))
-    with pytest.raises(ValueError, match=r"match gate_proj but not all of gate_proj, up_proj.*gate_up_proj"):
-        inject_lora(model, targets=[r"gate_proj"])
-    assert inject_lora(model, targets=[r"gate_up_proj"]) == ["gate_up_proj"]  # its own name works too
+    assert inject_lora(model, targets=[r"gate_up_proj"]) == ["gate_up_proj"]  # its own name: every part
+    assert model.gate_up_proj.lora_A.weight.shape == (2 * 16, 4)
+
+
+def test_peft_loads_our_fused_vlm_adapter_on_some_parts_and_gives_our_logits(tmp_path):
+    # our model runs q/k/v and gate/up fused; an adapter on q, v and gate alone must export under
+    # those names and give, through peft on transformers' separate layers, our logits
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import vlm
+    from transformers import Qwen3VLForConditionalGeneration
+    vlm.write_tiny_checkpoint(str(tmp_path / "m"))
+    ours = vlm.load_model(str(tmp_path / "m"))
+    inject_lora(ours, r=4, alpha=8, targets=[r"model\.language_model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.gate_proj)"])
+    randomize_lora_B(ours)
+    export_peft(ours, str(tmp_path / "peft"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {m.rsplit(".", 1)[1] for m in config["target_modules"]} == {"q_proj", "v_proj", "gate_proj"}
+    base = Qwen3VLForConditionalGeneration.from_pretrained(str(tmp_path / "m")).eval()
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    ids = torch.randint(20, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        got = ours(ids)
+        assert (got - vlm.load_model(str(tmp_path / "m"))(ids)).abs().max() > 1e-3  # the adapter does something
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
