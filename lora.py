@@ -8,8 +8,9 @@ per part, saved under the part's own name, so `export_peft` writes an adapter th
 Also: disable the adapter (GRPO's reference model), merge/unmerge/strip for export, save/load the
 adapter with safetensors (strict), and count parameters.
 
-How to use it (targets are regexes matched with `re.fullmatch` against full module names; for the
-backbone use DEFAULT_TARGETS, or DEFAULT_TARGETS + VISION_TARGETS to adapt the vision tower too):
+How to use it (targets are regexes matched with `re.fullmatch` against full module names, the
+checkpoint's: `...self_attn.q_proj` picks q out of vlm's fused qkv_proj; for the backbone use
+DEFAULT_TARGETS, or DEFAULT_TARGETS + VISION_TARGETS to adapt the vision tower too):
 
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -49,7 +50,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# every attention and MLP projection of the language model (Qwen3-VL module names)
+# every attention and MLP projection of the language model (the checkpoint's Qwen3-VL module names)
 DEFAULT_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
 # opt-in: the vision tower's transformer blocks (not the patch mergers), e.g. DEFAULT_TARGETS + VISION_TARGETS
 VISION_TARGETS = (r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",)
@@ -74,27 +75,16 @@ class LoRALinear(nn.Module):
         # them are one matmul, and lora_B their B's by rows; each part's output rows only see its own r
         # columns of A's output, and a part left out gets no update (block_B()).
         fused = getattr(base_layer, "parts", None)
-        unknown = sorted(set(parts or ()) - {name for name, _ in fused or ()})
-        if unknown or parts is not None and not parts:
-            raise ValueError(f"LoRA parts {unknown or parts} are not parts of this layer "
-                             f"(its parts: {', '.join(name for name, _ in fused or ()) or 'none'})")
+        if parts is not None:
+            known = [name for name, _ in fused or ()]
+            if not parts or set(parts) - set(known):
+                raise ValueError(f"LoRA parts {list(parts)}: name at least one of this layer's parts "
+                                 f"({', '.join(known) or 'it has none'})")
         self.parts = fused and tuple((name, rows) for name, rows in fused if parts is None or name in parts)
         n = len(self.parts) if self.parts else 1
         self.lora_A = nn.Linear(base_layer.in_features, n * r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, sum(rows for _, rows in self.parts) if self.parts else base_layer.out_features,
                                 bias=False, device=device, dtype=torch.float32)
-        if self.parts:
-            adapted = [name for name, _ in self.parts]
-            # per output row of the base layer: its adapted part (-1: none) and its row in lora_B
-            part_of_row = torch.cat([torch.full((rows,), adapted.index(name) if name in adapted else -1)
-                                     for name, rows in fused])
-            row_in_B = (part_of_row >= 0).cumsum(0).sub(1).clamp(min=0)
-            # (out, n, 1): 1 where an output row belongs to adapted part g; not saved, rebuilt from `parts`
-            self.register_buffer("block", (part_of_row[:, None] == torch.arange(n))[..., None].to(device, torch.float32),
-                                 persistent=False)
-            # only when a part is left out do B's rows and the output's differ (a gather then, else none)
-            self.register_buffer("row_in_B", None if len(self.parts) == len(fused) else row_in_B.to(device),
-                                 persistent=False)
         # A like nn.Linear's own init, B zero: the wrapped model starts exactly equal to the base. A's
         # bound depends only on in_features, so the stacked A's of a fused layer draw as separate ones would
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -132,13 +122,13 @@ class LoRALinear(nn.Module):
         """B as (out, n r) for A's (tokens, n r) output: each part's rows keep their B in that part's r
         columns and are zero elsewhere (block diagonal), so one matmul adds every part's own update.
         The zeros cost (n - 1) r extra multiply-adds per output, small beside the base matmul's `in`,
-        and their gradient is masked too: B's own gradient is exactly each part's."""
+        and get no gradient: B's own gradient is exactly each part's."""
         B = self.lora_B.weight
         if not self.parts:
             return B  # (out, r)
-        if self.row_in_B is not None:
-            B = B[self.row_in_B]  # (adapted rows, r) -> (out, r); rows of parts left out are masked below
-        return (B[:, None, :] * self.block).flatten(1)  # (out, 1, r) * (out, n, 1) -> (out, n, r) -> (out, n r)
+        own = dict(zip([name for name, _ in self.parts], B.split([rows for _, rows in self.parts])))
+        # a part left out is a (rows, 0) block: zero rows in the output, no columns of A's output
+        return torch.block_diag(*(own.get(name, B.new_zeros(rows, 0)) for name, rows in self.base_layer.parts))
 
     def delta_weight(self) -> torch.Tensor:
         # (out, n r) @ (n r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding
@@ -188,7 +178,8 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float
     """Wrap every nn.Linear whose full name fullmatches a pattern; freeze all but lora_A/lora_B.
     A layer with `parts` (vlm.FusedLinear) is also matched by its parts' names (`...self_attn.q_proj`
     for qkv_proj, as in the checkpoint and peft): only the parts matched get an adapter (q and v alone,
-    as in the LoRA paper), all of them when the fused name itself matches. Returns the wrapped modules' names."""
+    as in the LoRA paper); when no part's name matches but the fused name does, all of them.
+    Returns the wrapped modules' names."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; inject_lora is applied once per model")
     if isinstance(targets, str):
@@ -198,15 +189,16 @@ def inject_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        hits = [part for part, _ in getattr(m, "parts", ()) if any(p.fullmatch(_part_name(name, part)) for p in patterns)]
-        if any(p.fullmatch(name) for p in patterns):
+        fused = getattr(m, "parts", ())
+        hits = [part for part, _ in fused if any(p.fullmatch(_part_name(name, part)) for p in patterns)]
+        if hits:  # the parts' names first: `.*(q|v)_proj` also matches "qkv_proj" but means q and v, as in peft
+            chosen[name] = None if len(hits) == len(fused) else hits
+        elif any(p.fullmatch(name) for p in patterns):
             chosen[name] = None
-        elif hits:
-            chosen[name] = hits
     names = list(chosen)
     if not names:
         raise ValueError("LoRA targets matched no nn.Linear module; patterns (re.fullmatch on full "
-                         "module names): " + ", ".join(targets))
+                         "module names, or the checkpoint's names of fused parts): " + ", ".join(targets))
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -274,6 +266,11 @@ def _part_name(name: str, part: str) -> str:
     """The checkpoint name of one part of the fused layer `name`: its sibling (a.qkv_proj -> a.q_proj)."""
     parent = name.rpartition(".")[0]
     return f"{parent}.{part}" if parent else part
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """The checkpoint's names of the adapted projections (a fused layer's parts each by their own)."""
+    return sorted({key.rsplit(".lora_", 1)[0] for key in lora_state_dict(model)})
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -347,7 +344,7 @@ def export_peft(model: nn.Module, folder: str, base_model_name_or_path: str = ""
     peft wraps the transformers model as `PeftModel.base_model (LoraModel).model`, hence the
     "base_model.model." prefix; it drops the adapter name ("default") from keys when saving."""
     hp = _hyperparameters(model)
-    names = {key.rsplit(".lora_", 1)[0] for key in lora_state_dict(model)}  # the checkpoint's module names
+    names = adapted_modules(model)
     os.makedirs(folder, exist_ok=True)
     config = {
         "peft_type": "LORA",
@@ -359,7 +356,7 @@ def export_peft(model: nn.Module, folder: str, base_model_name_or_path: str = ""
         "use_rslora": hp["use_rslora"],
         # full module names: peft matches a list entry exactly (or as a ".suffix"), so it wraps
         # precisely the layers we wrapped and nothing a looser pattern might also catch
-        "target_modules": sorted(names),
+        "target_modules": names,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

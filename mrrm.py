@@ -340,7 +340,8 @@ class RewardModel(nn.Module):
         os.makedirs(folder, exist_ok=True)
         lora.save_lora(self.backbone, os.path.join(folder, "adapter.safetensors"))
         hp = lora._hyperparameters(self.backbone)
-        names = [re.escape(n) for n, _ in lora.lora_layers(self.backbone)]  # exact names: fullmatch finds them again
+        # the checkpoint's names of what is adapted (q_proj, not a fused qkv_proj): fullmatch finds exactly them again
+        names = [re.escape(n) for n in lora.adapted_modules(self.backbone)]
         self.save_head(folder, {"lora": {"r": hp["r"], "alpha": hp["alpha"], "use_rslora": hp["use_rslora"],
                                          "targets": names}, **(extra or {})})
 
@@ -1499,7 +1500,7 @@ def bench_model(args, device, dtype):
         model = vlm.Qwen3VL(cfg)
     model = model.to(dtype).to_empty(device=device)
     g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():  # init in place on the device, the way vlm.init_weights does on the CPU
+    with torch.no_grad():  # init in place on the device, as vlm.init_weights does on the CPU (but per stored tensor)
         for n, p in model.named_parameters():
             if "norm" in n and n.endswith("weight"):
                 p.fill_(1.0)
@@ -2113,7 +2114,8 @@ def parser():
     t.add_argument("--lora-alpha", type=float, default=32)
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--lora-targets", type=_targets, default=_targets("lm"),
-                   help="'lm' (language-model projections), 'lm+vision', or one regex on module names")
+                   help="'lm' (language-model projections), 'lm+vision', or one regex on the checkpoint's module names "
+                        "(e.g. '.*self_attn\\.(q|v)_proj')")
     t.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     t.add_argument("--head-hidden", type=positive_int, default=1024)
     t.add_argument("--sep-token", default="<|im_end|>")

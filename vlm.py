@@ -655,8 +655,11 @@ def hub_layout(model):
     holds several checkpoint tensors stacked along dim 0; any other tensor is its own (0, None).
     For a model without LoRA layers (what load_model builds and save_model writes)."""
     fused = {name: m for name, m in model.named_modules() if isinstance(m, FusedLinear)}
+    keys = list(model.state_dict())
+    if any(".lora_" in k for k in keys):  # base_layer.* and lora_* are not checkpoint tensors
+        raise ValueError("the model has LoRA layers: merge them into plain weights first (lora.strip_lora)")
     layout = {}
-    for key in model.state_dict():
+    for key in keys:
         module, _, param = key.rpartition(".")
         if module not in fused:
             layout[key] = (key, 0, None)

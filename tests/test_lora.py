@@ -559,10 +559,35 @@ def test_targets_naming_some_parts_of_a_fused_layer_adapt_only_those():
         assert torch.allclose(fused.qkv_proj(x), want, atol=1e-5)
 
 
+def test_a_loose_pattern_adapts_the_parts_it_names_not_every_part_of_the_fused_name_it_also_matches():
+    # `.*(q|v)_proj` also matches "qkv_proj" (and `.*up_proj` "gate_up_proj"); peft would adapt q and v only
+    fused, _ = fused_and_separate(targets=[r".*(q|v)_proj"])
+    assert [name for name, _ in fused.qkv_proj.parts] == ["q_proj", "v_proj"]
+    fused, separate = fused_and_separate(targets=[r"k_proj"])  # the first and last parts left out
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    want = torch.cat([layer(x) for layer in separate], dim=-1)
+    assert torch.allclose(fused.qkv_proj(x), want, atol=1e-6)
+
+
+def test_a_fused_adapter_in_bf16_and_under_autocast_is_the_separate_layers_result():
+    fused, separate = fused_and_separate()
+    fused, separate = fused.to(torch.bfloat16), separate.to(torch.bfloat16)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = torch.cat([layer(x) for layer in separate], dim=-1)
+    got = fused.qkv_proj(x)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), atol=2e-2)
+    fused, separate = fused_and_separate()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fused.qkv_proj(x.float()), torch.cat([layer(x.float()) for layer in separate], dim=-1)
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=2e-2)
+
+
 def test_naming_a_part_a_fused_layer_does_not_have_raises():
     import vlm
-    with pytest.raises(ValueError, match=r"\['w_proj'\] are not parts of this layer \(its parts: gate_proj, up_proj\)"):
+    with pytest.raises(ValueError, match=r"\['up_proj', 'w_proj'\]: name at least one of this layer's parts \(gate_proj, up_proj\)"):
         LoRALinear(vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]), r=2, alpha=4, parts=["up_proj", "w_proj"])
+    with pytest.raises(ValueError, match=r"\[\]: name at least one"):
+        LoRALinear(vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]), r=2, alpha=4, parts=[])
     model = nn.Sequential()
     model.add_module("gate_up_proj", vlm.FusedLinear(4, [("gate_proj", 3), ("up_proj", 3)]))
     assert inject_lora(model, targets=[r"gate_up_proj"]) == ["gate_up_proj"]  # its own name: every part

@@ -621,10 +621,11 @@ def test_an_adapter_is_refused_on_a_backbone_whose_weights_were_replaced(world, 
     mrrm.RewardModel.load(str(indep_run / "bb"), adapter=str(indep_run / "rm"))  # its own backbone loads
 
 
-def test_save_then_load_gives_the_same_scores(world, tmp_path):
+@pytest.mark.parametrize("targets", [None, r".*self_attn\.(q|v)_proj"])  # all projections; q and v of the fused qkv
+def test_save_then_load_gives_the_same_scores(world, tmp_path, targets):
     rm = mrrm.RewardModel.load(str(world / "m"), head_hidden=32)
     import lora
-    lora.inject_lora(rm.backbone, r=4, alpha=8)
+    lora.inject_lora(rm.backbone, r=4, alpha=8, **({"targets": targets} if targets else {}))
     for _, layer in lora.lora_layers(rm.backbone):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
     rm.save(str(tmp_path / "saved"))

@@ -539,6 +539,10 @@ def test_fused_weights_hold_the_checkpoints_tensors_in_order_and_save_back_to_th
     saved = vlm.load_safetensors(str(tmp_path / "model.safetensors"))
     assert saved.keys() == files.keys()
     assert all(torch.equal(saved[k], files[k]) for k in files)
+    import lora
+    lora.inject_lora(ours)
+    with pytest.raises(ValueError, match="LoRA layers: merge them into plain weights first"):
+        vlm.save_model(ours, str(tmp_path / "with_lora"))  # would write base_layer and lora_* tensors
 
 
 def test_loader_assigns_requested_dtype_without_fp32_copies(tiny):
