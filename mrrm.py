@@ -1621,7 +1621,8 @@ def profile_once(fn, device, label, top, row):
     """Print the `top` operators that took most of one call's time (self time, on the GPU where there is
     one), so a row's milliseconds can be traced to the kernels that spend them. On CUDA, also sets
     row["GPU ms"], the call's summed kernel time (as the table's "Self CUDA time total"): a row whose
-    wall-clock ms is well above it waits on the CPU launching kernels, not on the GPU."""
+    wall-clock ms is well above it waits on the CPU launching kernels, not on the GPU; and
+    row["kernels"], how many kernels that call launched."""
     if top <= 0:
         return
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -1644,6 +1645,8 @@ def profile_once(fn, device, label, top, row):
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                    and not getattr(e, "is_user_annotation", False)]
         row["GPU ms"] = sum(e.self_device_time_total for e in kernels) / 1e3  # us -> ms
+        # launches: where the CPU sets the pace, fewer kernels (fused weights, CUDA graphs) is what pays
+        row["kernels"] = sum(e.count for e in kernels)
 
 
 def matmul_peak_tflops(device, dtype, repeats=5):
@@ -1951,16 +1954,17 @@ def add_speedups(rows, base, key):
 
 
 def gpu_note(rows):
-    return "; GPU ms: the kernels' summed time in one profiled call" if any("GPU ms" in r for r in rows) else ""
+    return ("; GPU ms: the kernels' summed time in one profiled call, kernels: how many it launched"
+            if any("GPU ms" in r for r in rows) else "")
 
 
 def print_table(title, rows):
     if not rows:
         print(f"{title}\n(no rows)")
         return
-    cols = ["row"] + [c for c in ("tokens", "ms", "GPU ms", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
+    cols = ["row"] + [c for c in ("tokens", "ms", "GPU ms", "kernels", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
                                   "speedup", "mem GiB", "max_diff", "same tokens", "trainable M") if any(c in r for r in rows)]
-    fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s")
+    fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s", "kernels")
                         else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}")
     cells = [[fmt(c, r[c]) if c in r else "" for c in cols] for r in rows]
     width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]

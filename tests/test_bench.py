@@ -225,10 +225,10 @@ def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
     # (counting it too would double the figure) and a user annotation on the GPU timeline spans others
     from types import SimpleNamespace as E
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    events = [E(device_type=cpu, self_device_time_total=900.0, is_user_annotation=False),  # aten::mm
-              E(device_type=cuda, self_device_time_total=400.0, is_user_annotation=False),  # its kernel
-              E(device_type=cuda, self_device_time_total=250.0, is_user_annotation=False),
-              E(device_type=cuda, self_device_time_total=1000.0, is_user_annotation=True)]
+    events = [E(device_type=cpu, self_device_time_total=900.0, is_user_annotation=False, count=7),  # aten::mm
+              E(device_type=cuda, self_device_time_total=400.0, is_user_annotation=False, count=7),  # its kernel
+              E(device_type=cuda, self_device_time_total=250.0, is_user_annotation=False, count=2),
+              E(device_type=cuda, self_device_time_total=1000.0, is_user_annotation=True, count=1)]
 
     class Events(list):
         def table(self, **kw):
@@ -246,7 +246,7 @@ def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
     mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 3, rows["cuda"])
     mrrm.profile_once(lambda: None, torch.device("cpu"), "row", 3, rows["cpu"])
     mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 0, rows["not profiled"])
-    assert rows == {"cuda": {"GPU ms": pytest.approx(0.65)}, "cpu": {}, "not profiled": {}}  # CPU: no GPU column
+    assert rows == {"cuda": {"GPU ms": pytest.approx(0.65), "kernels": 9}, "cpu": {}, "not profiled": {}}  # CPU: no GPU column
     assert "(table)" in capsys.readouterr().out
 
 
