@@ -2209,6 +2209,9 @@ def run_cli(fn, args):
         torch.set_num_threads(args.threads)
     try:
         return fn(args)
+    except BrokenPipeError:  # `mrrm.py eval | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit flush fails again
+        sys.exit(1)
     except (OSError, ValueError, FloatingPointError) as e:  # OSError: a missing file, an output path that is a folder
         if os.environ.get("MRRM_DEBUG"):
             raise

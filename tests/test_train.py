@@ -428,6 +428,16 @@ def test_the_cli_flushes_denormal_floats():
     assert mrrm.run_cli(lambda a: (tiny * 1.0).item(), None) == 0.0
 
 
+def test_output_piped_into_a_reader_that_leaves_ends_quietly():
+    # `python mrrm.py eval | head`: the closed pipe is the reader's choice, not an error to report
+    import subprocess
+    import sys
+    code = "import mrrm; mrrm.run_cli(lambda a: [print(i, flush=True) for i in range(10 ** 6)], None)"
+    done = subprocess.run(f"{sys.executable} -c '{code}' | head -n 2", shell=True, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert done.stdout == "0\n1\n" and done.stderr == "", done.stderr[-500:]
+
+
 # --- bad input found before training, and a stopped run that loses nothing ----------------------
 
 
