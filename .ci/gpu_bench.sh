@@ -7,7 +7,8 @@
 #   ONLY="train_4b_r16_cudagraphs fwd_4b_n4_cudagraphs train_4b_r16_indep_compile" bash .ci/gpu_bench.sh $OUT  # <= 10 min
 #   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT       # <= 7 minutes
 # (the first took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
-# 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time: on
+# 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time, and
+# "kernels", how many were launched (q/k/v and gate/up fused at load time should cut them): on
 # that card's virtual machine the wall-clock ms of the same row varied up to 2x between runs, the
 # CPU launching kernels being the bottleneck, while GPU ms stayed within 4%; compare both.
 # Run from the repo root:  bash .ci/gpu_bench.sh [OUT_DIR]   (DRY=1 bash .ci/gpu_bench.sh: a CPU rehearsal)
