@@ -35,8 +35,8 @@ Decisions worth knowing:
 - Merge computes B@A in fp32 and rounds once into the base dtype. Unmerge subtracts it again, which
   restores the base weight only up to rounding ((w + d) - d != w in floating point, fp32 included:
   ~1e-7 there, ~1e-3 in bf16), so a layer that was merged and unmerged refuses to be disabled too.
-- With dropout, the parts of a fused layer (q/k/v, gate/up) share one dropout mask of their common
-  input; peft, with separate layers, draws one per projection.
+- With dropout, each part of a fused layer (q/k/v, gate/up) draws its own mask, as peft's separate
+  layers do; their A's then run as one batched matmul instead of one matmul.
 """
 
 import json
@@ -106,7 +106,15 @@ class LoRALinear(nn.Module):
         # fp32 first would only add a copy of x and autocast's cast straight back (both again in
         # backward), four passes over x per layer for the same values
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
-        a = self.lora_A(self.dropout(x.to(dtype)))  # (tokens, n r)
+        if self.parts and self.dropout_p > 0 and self.training:
+            # peft drops each projection's input on its own: one dropout mask per part, each part's A
+            # on its own copy (a batched matmul), so only dropout costs the single A matmul
+            n = len(self.parts)
+            xs = self.dropout(x.to(dtype).expand(n, *x.shape))  # (n, tokens, in): n independent masks
+            a = torch.bmm(xs, self.lora_A.weight.view(n, self.r, -1).transpose(1, 2).to(xs.dtype))  # (n, tokens, r)
+            a = a.transpose(0, 1).reshape(x.shape[0], n * self.r)  # (tokens, n r), parts side by side as A's rows
+        else:
+            a = self.lora_A(self.dropout(x.to(dtype)))  # (tokens, n r)
         # result += scaling * a @ B^T as one in-place addmm: no separate scale and add passes over the
         # (tokens, out) activations (forward and backward), which on CPU cost more than the rank-r
         # matmul itself, and no copy of the base output either (an out-of-place addmm first copies its

@@ -616,3 +616,29 @@ def test_peft_loads_our_fused_vlm_adapter_on_some_parts_and_gives_our_logits(tmp
         got = ours(ids)
         assert (got - vlm.load_model(str(tmp_path / "m"))(ids)).abs().max() > 1e-3  # the adapter does something
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_with_dropout_each_part_of_a_fused_layer_draws_its_own_mask():
+    # peft's separate q/k/v layers drop their input independently. Give two parts the same A and B:
+    # under one shared mask their updates would be equal; with a mask each they differ, and in eval
+    # mode (no dropout) they are equal again
+    import vlm
+    torch.manual_seed(0)
+    layer = LoRALinear(vlm.FusedLinear(64, [("k_proj", 8), ("v_proj", 8)]), r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_A.weight[4:] = layer.lora_A.weight[:4]
+        layer.lora_B.weight.normal_()
+        layer.lora_B.weight[8:] = layer.lora_B.weight[:8]
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    update = layer(x) - layer.base_layer(x)  # (5, 16)
+    assert not torch.allclose(update[:, :8], update[:, 8:], atol=1e-3)
+    kept = (update[:, :8] != 0).float().mean()  # the dropped input is rescaled, not lost: a real update
+    assert kept > 0.9, kept
+    layer.eval()
+    update = layer(x) - layer.base_layer(x)
+    assert torch.allclose(update[:, :8], update[:, 8:], atol=1e-6)
+    # the per-part (batched) path, masks aside, is the one-matmul path: parts in the same columns
+    fused, _ = fused_and_separate()
+    want = fused.qkv_proj(x[:, :5])
+    fused.qkv_proj.dropout_p, fused.qkv_proj.dropout = 0.5, nn.Identity()
+    assert fused.qkv_proj.training and torch.allclose(fused.qkv_proj(x[:, :5]), want, atol=1e-6)
