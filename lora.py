@@ -107,8 +107,8 @@ class LoRALinear(nn.Module):
         # backward), four passes over x per layer for the same values
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
         if self.parts and self.dropout_p > 0 and self.training:
-            # peft drops each projection's input on its own: one dropout mask per part, each part's A
-            # on its own copy (a batched matmul), so only dropout costs the single A matmul
+            # peft drops each projection's input on its own: one dropout mask per part, and each part's
+            # A on its own dropped copy of x, as one batched matmul (without dropout one matmul serves all)
             n = len(self.parts)
             xs = self.dropout(x.to(dtype).expand(n, *x.shape))  # (n, tokens, in): n independent masks
             a = torch.bmm(xs, self.lora_A.weight.view(n, self.r, -1).transpose(1, 2).to(xs.dtype))  # (n, tokens, r)
