@@ -1617,12 +1617,15 @@ def timed(fn, device, warmup, repeats):
     return statistics.median(times), peak_memory_gb(device), out
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
 def profile_once(fn, device, label, top, row):
     """Print the `top` operators that took most of one call's time (self time, on the GPU where there is
     one), so a row's milliseconds can be traced to the kernels that spend them. On CUDA, also sets
     row["GPU ms"], the call's summed kernel time (as the table's "Self CUDA time total"): a row whose
     wall-clock ms is well above it waits on the CPU launching kernels, not on the GPU; and
-    row["kernels"], how many kernels that call launched."""
+    row["kernels"], how many kernels that call launched. On any device, row["matmuls"]: its matmul calls."""
     if top <= 0:
         return
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -1640,6 +1643,8 @@ def profile_once(fn, device, label, top, row):
         return
     print(f"--- profile: {label}, one call, top {top} operators by self {where} time")
     print(table)
+    # matmul calls, on any device: what fusing q/k/v and gate/up (and LoRA's A's) cuts
+    row["matmuls"] = sum(e.count for e in events if e.key in MATMUL_OPS)
     if device.type == "cuda":
         # the kernels' own events (an operator's CPU event also carries its kernels' time: not counted twice)
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -1962,9 +1967,9 @@ def print_table(title, rows):
     if not rows:
         print(f"{title}\n(no rows)")
         return
-    cols = ["row"] + [c for c in ("tokens", "ms", "GPU ms", "kernels", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
+    cols = ["row"] + [c for c in ("tokens", "ms", "GPU ms", "kernels", "matmuls", "tok/s", "ms/step", "TFLOP", "kernel TFLOP", "TFLOP/s", "MFU %",
                                   "speedup", "mem GiB", "max_diff", "same tokens", "trainable M") if any(c in r for r in rows)]
-    fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s", "kernels")
+    fmt = lambda c, v: (v if isinstance(v, str) else f"{v:.2e}" if c == "max_diff" else f"{v:,.0f}" if c in ("tokens", "tok/s", "kernels", "matmuls")
                         else f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}")
     cells = [[fmt(c, r[c]) if c in r else "" for c in cols] for r in rows]
     width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]

@@ -225,10 +225,11 @@ def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
     # (counting it too would double the figure) and a user annotation on the GPU timeline spans others
     from types import SimpleNamespace as E
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
-    events = [E(device_type=cpu, self_device_time_total=900.0, is_user_annotation=False, count=7),  # aten::mm
-              E(device_type=cuda, self_device_time_total=400.0, is_user_annotation=False, count=7),  # its kernel
-              E(device_type=cuda, self_device_time_total=250.0, is_user_annotation=False, count=2),
-              E(device_type=cuda, self_device_time_total=1000.0, is_user_annotation=True, count=1)]
+    events = [E(key="aten::mm", device_type=cpu, self_device_time_total=900.0, is_user_annotation=False, count=7),
+              E(key="ampere_sgemm", device_type=cuda, self_device_time_total=400.0, is_user_annotation=False, count=7),
+              E(key="aten::linear", device_type=cpu, self_device_time_total=0.0, is_user_annotation=False, count=7),
+              E(key="vectorized_kernel", device_type=cuda, self_device_time_total=250.0, is_user_annotation=False, count=2),
+              E(key="## step ##", device_type=cuda, self_device_time_total=1000.0, is_user_annotation=True, count=1)]
 
     class Events(list):
         def table(self, **kw):
@@ -246,7 +247,9 @@ def test_profile_gpu_ms_sums_kernel_events_once(monkeypatch, capsys):
     mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 3, rows["cuda"])
     mrrm.profile_once(lambda: None, torch.device("cpu"), "row", 3, rows["cpu"])
     mrrm.profile_once(lambda: None, torch.device("cuda"), "row", 0, rows["not profiled"])
-    assert rows == {"cuda": {"GPU ms": pytest.approx(0.65), "kernels": 9}, "cpu": {}, "not profiled": {}}  # CPU: no GPU column
+    # aten::linear is not counted as a matmul: it calls aten::mm (counted), so it would count twice
+    assert rows == {"cuda": {"GPU ms": pytest.approx(0.65), "kernels": 9, "matmuls": 7}, "cpu": {"matmuls": 7},
+                    "not profiled": {}}  # CPU: no GPU columns
     assert "(table)" in capsys.readouterr().out
 
 
