@@ -134,9 +134,15 @@ class LoRALinear(nn.Module):
         B = self.lora_B.weight
         if not self.parts:
             return B  # (out, r)
-        own = dict(zip([name for name, _ in self.parts], B.split([rows for _, rows in self.parts])))
+        own = {name: B_part for name, _, B_part in self.part_weights()}
         # a part left out is a (rows, 0) block: zero rows in the output, no columns of A's output
         return torch.block_diag(*(own.get(name, B.new_zeros(rows, 0)) for name, rows in self.base_layer.parts))
+
+    def part_weights(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(part name, its A (r, in), its B (rows, r)) for each adapted part: row views of lora_A and lora_B."""
+        A_parts = self.lora_A.weight.split(self.r)
+        B_parts = self.lora_B.weight.split([rows for _, rows in self.parts])
+        return [(name, A_part, B_part) for (name, _), A_part, B_part in zip(self.parts, A_parts, B_parts)]
 
     def delta_weight(self) -> torch.Tensor:
         # (out, n r) @ (n r, in) -> (out, in), in fp32 so bf16 weights lose nothing before the single rounding
@@ -286,14 +292,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     peft's names: a fused layer's parts each under their own (row views of its A and B, no copies)."""
     sd = {}
     for name, layer in lora_layers(model):
-        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
         if not layer.parts:
-            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = A, B
+            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
             continue
-        B_parts = B.split([rows for _, rows in layer.parts])
-        for i, ((part, _), B_part) in enumerate(zip(layer.parts, B_parts)):
-            sd[f"{_part_name(name, part)}.lora_A.weight"] = A[i * layer.r:(i + 1) * layer.r]  # (r, in)
-            sd[f"{_part_name(name, part)}.lora_B.weight"] = B_part  # (rows, r)
+        for part, A_part, B_part in layer.part_weights():
+            sd[f"{_part_name(name, part)}.lora_A.weight"] = A_part.detach()  # (r, in)
+            sd[f"{_part_name(name, part)}.lora_B.weight"] = B_part.detach()  # (rows, r)
     return sd
 
 
