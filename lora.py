@@ -293,7 +293,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {}
     for name, layer in lora_layers(model):
         if not layer.parts:
-            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+            sd[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+            sd[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
             continue
         for part, A_part, B_part in layer.part_weights():
             sd[f"{_part_name(name, part)}.lora_A.weight"] = A_part.detach()  # (r, in)
