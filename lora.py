@@ -122,8 +122,17 @@ class LoRALinear(nn.Module):
         # backward included (a forward hook on base_layer would see base + update); and it is no view,
         # or autograd would add copies to rebase the view.
         # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
-        out = result.to(a.dtype)
-        out.addmm_(a, self.block_B().t().to(a.dtype), alpha=self.scaling)  # autocast skips in-place ops
+        B = self.block_B().t().to(a.dtype)  # (n r, out)
+        if torch.compiler.is_compiling():
+            # torch.compile turns addmm_ back into an out-of-place addmm (it traces functional code), and
+            # that copies the base output before adding (one "Memcpy DtoD" per projection on CUDA). As a
+            # matmul, then a scale-and-add, the add is one pointwise op that inductor fuses into what reads
+            # the output (q/k norms, silu * up, the residual add). The scale sits after the matmul on
+            # purpose: inductor would fold a plain mm + add back into the copying addmm.
+            out = result.to(a.dtype) + (a @ B) * self.scaling
+        else:
+            out = result.to(a.dtype)
+            out.addmm_(a, B, alpha=self.scaling)  # autocast skips in-place ops
         return out.view(*shape[:-1], out.shape[-1]).to(result.dtype)  # not -1: 0 tokens leave nothing to infer
 
     def block_B(self) -> torch.Tensor:

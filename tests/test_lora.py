@@ -311,6 +311,30 @@ def test_the_update_is_added_in_place_into_the_base_output_with_no_view_to_rebas
     assert "CopySlices" not in type(out.grad_fn).__name__ + type(out.grad_fn.next_functions[0][0]).__name__
 
 
+def test_compiled_the_update_is_a_matmul_and_a_pointwise_add_with_the_eager_values():
+    # torch.compile traces functional code: the in-place addmm_ would come back as an out-of-place
+    # addmm, which copies the base output first. Compiled, forward() adds a scaled matmul instead, a
+    # pointwise add inductor can fuse into the next op. aot_eager runs the traced aten graph as it is.
+    from torch.profiler import ProfilerActivity, profile
+    layer = LoRALinear(nn.Linear(8, 6, bias=False), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight)
+
+    def run(fn):  # -> output, gradients, aten ops called
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn(x)
+            grads = torch.autograd.grad(out.square().sum(), params)
+        return out, grads, {e.key for e in prof.key_averages()}
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    run(compiled)  # compiles
+    (out, grads, ops), (want, want_grads, eager_ops) = run(compiled), run(layer)
+    assert "aten::addmm_" in eager_ops and not {"aten::addmm", "aten::addmm_"} & ops, ops
+    assert torch.allclose(out, want, atol=1e-6), (out - want).abs().max()
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+
+
 @pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 3, 5, 8), (0, 8), (2, 0, 8)])
 def test_the_fused_update_equals_base_plus_scaled_B_of_A_for_any_leading_shape(shape):
     # forward() adds the update with one addmm_ over the flattened tokens; it must keep x's leading
