@@ -330,26 +330,27 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
-def patch_coords(grid_thw, merge):
+def patch_coords(grid_thw, merge, total):
     """Row, column and grid size of every patch, in the processor's merge-block order
-    (t, block_row, block_col, row_in_block, col_in_block). Vectorised over all images."""
+    (t, block_row, block_col, row_in_block, col_in_block). Vectorised over all images. `total`: the
+    number of patches (the pixel rows): known, it sizes the outputs without reading a GPU grid back."""
     counts = grid_thw.prod(-1)
-    h = torch.repeat_interleave(grid_thw[:, 1], counts)
-    w = torch.repeat_interleave(grid_thw[:, 2], counts)
-    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    i = (torch.arange(int(counts.sum()), device=grid_thw.device) - starts) % (h * w)  # index within its frame
+    h, w, starts = (torch.repeat_interleave(v, counts, output_size=total)
+                    for v in (grid_thw[:, 1], grid_thw[:, 2], counts.cumsum(0) - counts))
+    i = (torch.arange(total, device=grid_thw.device) - starts) % (h * w)  # index within its frame
     blocks_w = w // merge
     row = (i // (merge * merge * blocks_w)) * merge + (i // merge) % merge
     col = ((i // (merge * merge)) % blocks_w) * merge + i % merge
     return row, col, h, w
 
 
-def attention_groups(grid_thw, device):
+def attention_groups(grid, device):
     """Attention stays inside each image and each temporal slice of a video (h*w patches). Groups of
     one length run as one batch: [(L, rows)], rows (G*L,) indexing the patch rows, or None when every
     group has length L. No (N, N) block-diagonal mask: for 16 images of 4,096 patches it would
-    take 4 GiB, and attention would compute every block the mask then throws away."""
-    lens = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+    take 4 GiB, and attention would compute every block the mask then throws away.
+    grid: [[t, h, w], ...], on the host (the groups' shapes depend on it)."""
+    lens = [h * w for t, h, w in grid for _ in range(t)]
     if len(set(lens)) == 1:
         return [(lens[0], None)]
     by_len, start = {}, 0
@@ -370,11 +371,11 @@ class VisionModel(nn.Module):
         self.deepstack_merger_list = nn.ModuleList(
             [PatchMerger(cfg, postshuffle=True) for _ in cfg.deepstack_visual_indexes])
 
-    def positions(self, grid_thw):
+    def positions(self, grid_thw, total):
         """Learned position embedding (bilinear, align-corners resampling of the square table to each
-        image's patch grid) and the 2D rotary cos/sin, for every patch."""
+        image's patch grid) and the 2D rotary cos/sin, for every one of the `total` patches."""
         side = int(self.cfg.num_position_embeddings ** 0.5)
-        row, col, h, w = patch_coords(grid_thw, self.cfg.spatial_merge_size)
+        row, col, h, w = patch_coords(grid_thw, self.cfg.spatial_merge_size, total)
         table = self.pos_embed.weight
 
         def taps(i, n):  # source coordinate in the table, its two neighbours and their weights
@@ -395,9 +396,13 @@ class VisionModel(nn.Module):
 
     def forward(self, rows, grid_thw):
         """rows (N, C*T*p*p), grid_thw (n_images, 3) -> LLM tokens (N/4, D) and DeepStack features."""
-        pos, cos, sin = self.positions(grid_thw)
+        grid = grid_thw.tolist()  # the one read of a GPU grid: the attention groups' shapes need it
+        if sum(t * h * w for t, h, w in grid) != rows.shape[0]:
+            raise ValueError(f"{rows.shape[0]} pixel rows but grid_thw={grid} makes "
+                             f"{sum(t * h * w for t, h, w in grid)} patches")
+        pos, cos, sin = self.positions(grid_thw, rows.shape[0])
         x = self.patch_embed(rows) + pos.to(self.patch_embed.proj.weight.dtype)
-        groups = attention_groups(grid_thw, rows.device)
+        groups = attention_groups(grid, rows.device)
         feats = []
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, groups)
@@ -569,14 +574,17 @@ class Qwen3VL(nn.Module):
         lm = self.model.language_model
         B, T = input_ids.shape
         x = lm.embed_tokens(input_ids)
-        visual = (input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)
         feats = []
         if pixel_values is not None:
             vis, feats = self.model.visual(pixel_values, grid_thw)
-            if vis.shape[0] != int(visual.sum()):
-                raise ValueError(f"{int(visual.sum())} image/video pad tokens in input_ids but the pixel rows "
+            # the image/video pad tokens, as flat indices into (B T) found once (one host sync, for their
+            # count): the vision tokens and each DeepStack level then go in by index, with no further sync
+            visual = ((input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)).flatten()
+            where = visual.nonzero().squeeze(1)  # (n_visual,), in order
+            if vis.shape[0] != where.numel():
+                raise ValueError(f"{where.numel()} image/video pad tokens in input_ids but the pixel rows "
                                  f"give {vis.shape[0]} visual tokens (grid_thw={grid_thw.tolist()})")
-            x = x.masked_scatter(visual[..., None], vis.to(x.dtype))
+            x = x.flatten(0, 1).index_copy(0, where, vis.to(x.dtype)).view(B, T, -1)  # (B T, D) -> (B, T, D)
         start = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = (torch.arange(T, device=x.device) + start).view(1, 1, T).expand(3, B, T)
@@ -592,8 +600,7 @@ class Qwen3VL(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, i)
             if i < len(feats):  # DeepStack: vision features of block k join the residual after layer k
-                x = x.clone()
-                x[visual] = x[visual] + feats[i].to(x.dtype)
+                x = x.flatten(0, 1).index_add(0, where, feats[i].to(x.dtype)).view(B, T, -1)
         if cache is not None:
             cache.length += T
         x = lm.norm(x)

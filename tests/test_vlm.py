@@ -112,7 +112,7 @@ def test_images_of_repeated_and_distinct_sizes_match_transformers(pair):
     # two sizes: the two 6x10 images run as one batched attention call, the 4x2 one as another
     ref, ours = pair
     grid = torch.tensor([[1, 6, 10], [1, 4, 2], [1, 6, 10]])
-    assert [(L, None if r is None else r.tolist()) for L, r in vlm.attention_groups(grid, "cpu")] == [
+    assert [(L, None if r is None else r.tolist()) for L, r in vlm.attention_groups(grid.tolist(), "cpu")] == [
         (60, list(range(60)) + list(range(68, 128))), (8, list(range(60, 68)))]
     rows = torch.randn(128, 384, generator=torch.Generator().manual_seed(6))
     diff = compare(ref, ours, vision_seq(grid.tolist()), rows, grid)
@@ -771,6 +771,47 @@ def test_gradients_match_transformers(tmp_path, grid):
     worst = max((((g - theirs[n].grad).abs().max() / theirs[n].grad.abs().max().clamp(min=1e-12)).item(), n)
                 for n, g in grads.items())
     assert worst[0] <= 1e-4, f"relative gradient difference {worst[0]:.2e} at {worst[1]}"
+
+
+def test_a_forward_and_backward_with_images_has_one_data_dependent_op_whatever_the_deepstack_levels():
+    # on a GPU an op whose output size depends on values (nonzero, .item(), a boolean index) waits for
+    # every kernel queued before it. The image tokens are found once; the vision tokens and every
+    # DeepStack level then go in by index, and the vision tower sizes its patches from the pixel rows.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DataDependent(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            bool_index = name.startswith(("aten::index", "aten::masked_select")) and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool
+                for a in args[1:] for t in (a if isinstance(a, (list, tuple)) else [a]))
+            unsized = name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None
+            if bool_index or unsized or name in ("aten::nonzero", "aten::_local_scalar_dense"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    special = {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}
+    cfg = vlm.tiny_config(300, special, t_num_hidden_layers=3, v_depth=3, v_deepstack_visual_indexes=(0, 1, 2))
+    torch.manual_seed(0)
+    model = vlm.Qwen3VL(cfg)
+    vlm.init_weights(model)
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])
+    seq = [40, 41]
+    for t, h, w in grid.tolist():
+        seq += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id, 42]
+    ids = torch.tensor([seq])
+    rows = torch.randn(int(grid.prod(1).sum()), 384)
+    pos = vlm.rope_positions(ids[0], grid, cfg)[:, None]
+    with DataDependent() as seen:
+        model(ids, rows, grid, pos, return_hidden=True).square().sum().backward()
+    assert seen.ops == ["aten::nonzero"], seen.ops
+    # pixel rows that do not match the grid are named as such, before any patch is sized from them
+    with pytest.raises(ValueError, match=r"40 pixel rows but grid_thw=\[\[1, 4, 4\], \[1, 2, 4\]\] makes 24 patches"):
+        model(ids, torch.randn(40, 384), grid, pos)
 
 
 def test_a_frame_folder_is_read_in_natural_order(tmp_path):
