@@ -124,11 +124,11 @@ class LoRALinear(nn.Module):
         # Without autocast the sum is in the (wider) LoRA dtype, rounded once into the base output's dtype.
         B = self.block_B().t().to(a.dtype)  # (n r, out)
         if torch.compiler.is_compiling():
-            # torch.compile turns addmm_ back into an out-of-place addmm (it traces functional code), and
-            # that copies the base output before adding (one "Memcpy DtoD" per projection on CUDA). As a
-            # matmul, then a scale-and-add, the add is one pointwise op that inductor fuses into what reads
-            # the output (q/k norms, silu * up, the residual add). The scale sits after the matmul on
-            # purpose: inductor would fold a plain mm + add back into the copying addmm.
+            # torch.compile traces functional code: addmm_ would come back as an out-of-place addmm,
+            # whose kernel first copies the base output (a "Memcpy DtoD" per projection on CUDA). Written
+            # as base + scaled matmul, the add is a pointwise op, which inductor on CUDA fuses into the
+            # pointwise ops that read the sum (silu * up, the residual adds); only where something else
+            # reads it (q/k/v: v goes straight into attention) does it fold it into a copying addmm again.
             out = result.to(a.dtype) + (a @ B) * self.scaling
         else:
             out = result.to(a.dtype)
