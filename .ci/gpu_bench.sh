@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU bench (bf16, random weights of the real sizes), the goal figures first: a run cut short
 # by the device's time limit loses the least, and each run writes its JSON after every row. The runs'
-# timeouts add up to about 27 minutes; a session with 15 minutes of device time and 10 per call runs
-# the first two of these calls, the goal rows first (copy $OUT's *.json and the log out after each):
-#   ONLY="train_4b_r16_compile fwd_4b_n4_compile" bash .ci/gpu_bench.sh $OUT            # <= 7 minutes
-#   ONLY="train_4b_r16_cudagraphs fwd_4b_n4_cudagraphs train_4b_r16_indep_compile" bash .ci/gpu_bench.sh $OUT  # <= 10 min
-#   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT       # <= 7 minutes
-# (the first took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
+# timeouts add up to about 27 minutes. A session with 15 minutes of device time, 10 per call and a
+# machine that takes 1 - 2 minutes to start gets one full call: the goal rows and the LoRA step under
+# CUDA graphs first, then what time is left for the rest (copy $OUT's *.json and the log out after each):
+#   ONLY="train_4b_r16_compile fwd_4b_n4_compile train_4b_r16_cudagraphs" bash .ci/gpu_bench.sh $OUT   # est. 4 - 6 min
+#   ONLY="fwd_4b_n4_cudagraphs train_4b_r16_indep_compile" bash .ci/gpu_bench.sh $OUT                   # <= 6 min (caps)
+#   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT                       # <= 7 min
+# (the two goal rows took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
 # 1 - 2 minutes more). Rows profiled (--profile) get a "GPU ms" column, the kernels' summed time, and
 # "kernels", how many were launched (q/k/v and gate/up fused at load time should cut them): on
 # that card's virtual machine the wall-clock ms of the same row varied up to 2x between runs, the
