@@ -129,6 +129,8 @@ class LoRALinear(nn.Module):
             # as base + scaled matmul, the add is a pointwise op, which inductor on CUDA fuses into the
             # pointwise ops that read the sum (silu * up, the residual adds); only where something else
             # reads it (q/k/v: v goes straight into attention) does it fold it into a copying addmm again.
+            # Under bf16 autocast the matmul's result is rounded before the add (as peft's own forward
+            # does): up to one bf16 step from the eager sum, rounded once.
             out = result.to(a.dtype) + (a @ B) * self.scaling
         else:
             out = result.to(a.dtype)

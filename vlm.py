@@ -577,8 +577,9 @@ class Qwen3VL(nn.Module):
         feats = []
         if pixel_values is not None:
             vis, feats = self.model.visual(pixel_values, grid_thw)
-            # the image/video pad tokens, as flat indices into (B T) found once (one host sync, for their
-            # count): the vision tokens and each DeepStack level then go in by index, with no further sync
+            # the image/video pad tokens, as flat indices into (B T), found once (a host sync on a GPU, for
+            # their count; the vision tower's read of the grid is the other): the vision tokens and each
+            # DeepStack level then go in by index, with no further sync
             visual = ((input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)).flatten()
             where = visual.nonzero().squeeze(1)  # (n_visual,), in order
             if vis.shape[0] != where.numel():
