@@ -2025,6 +2025,8 @@ def bench(args):
             print_table("train step, ours (the reference follows)", out["train"])
             cfg = model.cfg
             del model  # freed first: the reference's peak memory must not include our copy
+            if args.compile:  # compiled code, and under CUDA graphs the memory pools its replays write to
+                torch.compiler.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             out["train"] += bench_train_reference(args, cfg, sep_id, device, dtype, peak)
