@@ -302,6 +302,7 @@ def test_a_compile_mode_reaches_every_compiled_piece_and_names_the_train_row(tin
 def test_the_reference_train_row_runs_after_our_model_and_compiled_state_are_freed(tiny, monkeypatch):
     # peak memory is compared between the two train rows, so ours must be gone when the reference is
     # built, compiled too (under CUDA graphs torch.compile's memory pools hold what its replays wrote)
+    import gc
     import weakref
     compile, ours, alive, resets = torch.compile, [], [], []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager"))
@@ -309,7 +310,6 @@ def test_the_reference_train_row_runs_after_our_model_and_compiled_state_are_fre
     build = mrrm.bench_model
     monkeypatch.setattr(mrrm, "bench_model", lambda *a: (lambda r: ours.append(weakref.ref(r[0])) or r)(build(*a)))
     monkeypatch.setattr(mrrm, "bench_train_reference", lambda *a: alive.append(ours[0]() is not None) or [])
-    import gc
     gc.disable()  # no collection by chance in between: the bench must free the model itself
     try:
         out = run_bench(["--model", tiny, "--train", "--lora-r", "4", "--transformers", "--compile"] + SIZES)
