@@ -469,6 +469,16 @@ class Attention(nn.Module):
             # SDPA's fused CUDA kernels take a mask or enable_gqa, not both: with both it silently runs
             # the math kernel (fp32 T x T scores). Repeating the kv heads keeps the fused kernel.
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hd)
+        if mask is not None and q.device.type == "cpu" and T >= 128:
+            # Masks are causal (attention_mask): no query sees a key past its own position. SDPA leaves
+            # those keys out for is_causal but scores them all under an explicit mask; run on its own, the
+            # first half of the queries leaves out the keys past it: 3/4 of the scores, the same result
+            # up to rounding. On the CPU the shape-world demo's step ran 5% faster; not tried on CUDA.
+            h, e = T // 2, k.shape[2] - T + T // 2  # e: the keys up to the first half's last query
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, :h], k[:, :, :e], v[:, :, :e],
+                                                          attn_mask=mask[:, None, :h, :e]),
+                           F.scaled_dot_product_attention(q[:, :, h:], k, v, attn_mask=mask[:, None, h:])], dim=2)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         # SDPA gets either the boolean mask or is_causal, never both. With no mask, the keys are exactly
         # the queries (causal) or a single new token follows the cache (it may see every key).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],

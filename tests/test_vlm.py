@@ -834,6 +834,23 @@ def test_a_chunk_after_a_filled_cache_equals_the_same_tokens_in_one_pass(tiny):
     assert torch.allclose(rest, full[:, 5:], atol=1e-5)
 
 
+def test_masked_attention_in_two_query_halves_equals_causal_attention_with_and_without_a_cache(tiny):
+    # on the CPU a masked pass of >= 128 queries runs its first half against the keys up to that half
+    # only (masks are causal); a causal mask must then give what is_causal gives (no mask), and a long
+    # chunk after a filled cache (its mask offset by the cache) what one pass over everything gives
+    model = vlm.load_model(tiny).eval()
+    ids = torch.randint(20, 200, (2, 170), generator=torch.Generator().manual_seed(1))
+    index = torch.arange(170).expand(2, 170)
+    with torch.no_grad():
+        full = model(ids)
+        masked = model(ids, mask=vlm.attention_mask(index, index))
+        cache = vlm.KVCache(model.cfg.text, 2, 170, torch.float32, "cpu")
+        model(ids[:, :37], cache=cache)
+        rest = model(ids[:, 37:], cache=cache)  # 133 queries after 37 cached keys
+    assert torch.allclose(masked, full, atol=1e-5), (masked - full).abs().max()
+    assert torch.allclose(rest, full[:, 37:], atol=1e-5), (rest - full[:, 37:]).abs().max()
+
+
 def test_attention_mask_equals_its_definition_entry_by_entry():
     # the docstring's rule, one (query, key) at a time: causal, not a padding key, prompt or own
     # response in independent mode, and always itself
