@@ -201,13 +201,13 @@ def token_logprobs(model, r, temperature):
     d = next(model.parameters()).device
     pv = None if r.pixel_values is None else r.pixel_values.to(d)
     grid = None if r.grid_thw is None else r.grid_thw.to(d)
-    h = model(r.input_ids.to(d), pv, grid, r.position_ids.to(d), r.mask.to(d), return_hidden=True)  # (B, T, D)
-    B, T, D = h.shape
-    L = r.completion.shape[1]
-    # the hidden state at t predicts token t + 1: completion token j is read at start + j - 1; only
-    # these rows go through the output projection (a prompt's logits over the vocabulary are never used)
+    (B, T), L = r.input_ids.shape, r.completion.shape[1]
+    # the hidden state at t predicts token t + 1: completion token j is read at start + j - 1; only these
+    # rows go through the last layer's queries and MLP and the output projection (a prompt's logits over
+    # the vocabulary are never used)
     at = (r.start.to(d)[:, None] - 1 + torch.arange(L, device=d)).clamp(max=T - 1)  # (B, L)
-    h = h.gather(1, at[..., None].expand(B, L, D))  # (B, L, D)
+    h = model(r.input_ids.to(d), pv, grid, r.position_ids.to(d), r.mask.to(d), return_hidden=True,
+              at=(torch.arange(B, device=d), at))  # (B, L, D)
     logp_all = (model.logits(h).float() / temperature).log_softmax(-1)  # (B, L, V)
     logp = logp_all.gather(-1, r.completion.to(d)[..., None]).squeeze(-1)  # (B, L)
     with torch.no_grad():

@@ -311,8 +311,9 @@ class RewardModel(nn.Module):
         grid = None if batch.grid_thw is None else batch.grid_thw.to(d)
         # a joint pack without padding is plain causal: no mask lets SDPA take its is_causal kernel
         mask = None if batch.causal else batch.mask.to(d)
-        h = self.backbone(batch.input_ids.to(d), pv, grid, batch.position_ids.to(d), mask, return_hidden=True)
-        h_sep = h[batch.row.to(d)[:, None], batch.sep_index.to(d)]  # (S, Nmax, D): each pack's separators
+        # only the separators' hidden states, (S, Nmax, D): the last layer computes nothing else
+        h_sep = self.backbone(batch.input_ids.to(d), pv, grid, batch.position_ids.to(d), mask, return_hidden=True,
+                              at=(batch.row.to(d), batch.sep_index.to(d)))
         return self.head(h_sep)
 
     @torch.no_grad()
@@ -1530,17 +1531,23 @@ def synthetic_prompt(cfg, image_tokens, prompt_len, gen):
 # --- FLOPs -------------------------------------------------------------------------------------
 
 
-def forward_flops(cfg, tokens, attn_pairs, grids=(), vision_pairs=None, scored=0, head_hidden=1024):
+def forward_flops(cfg, tokens, attn_pairs, grids=(), vision_pairs=None, scored=0, head_hidden=1024,
+                  read=None, read_pairs=None):
     """Analytic forward FLOPs (multiply-adds x 2) of Qwen3VL on `tokens` decoder tokens (all rows of a
     batch together) whose attention computes `attn_pairs` (query, key) pairs per layer and head, plus
     the vision tower on `grids` and the value head on `scored` separators. Matmuls only: norms,
     activations, RoPE and softmax are O(tokens x hidden), under 1% here. `vision_pairs` overrides the
-    vision attention's pairs (a block-diagonal mask computed densely costs (sum n)^2, not sum n^2)."""
+    vision attention's pairs (a block-diagonal mask computed densely costs (sum n)^2, not sum n^2).
+    read: the positions whose output is read (Qwen3VL's at=); the last layer then projects q/k/v for
+    every token (k and v are needed; q rides in the same fused matmul) but runs attention (`read_pairs`
+    pairs) and o_proj + MLP for `read` positions only. None: every position, as a plain forward."""
     t, v = cfg.text, cfg.vision
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    per_token = 2 * (t.hidden_size * (q + 2 * kv) + q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    text_linear = t.num_hidden_layers * per_token * tokens
-    text_attention = t.num_hidden_layers * 4 * q * attn_pairs  # QK^T and PV: 2 x head_dim each per pair and head
+    L = t.num_hidden_layers
+    qkv, rest = 2 * t.hidden_size * (q + 2 * kv), 2 * (q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    read, read_pairs = (tokens, attn_pairs) if read is None else (read, read_pairs)
+    text_linear = L * qkv * tokens + rest * ((L - 1) * tokens + read)
+    text_attention = 4 * q * ((L - 1) * attn_pairs + read_pairs)  # QK^T and PV: 2 x head_dim each per pair and head
     H, patch_in = v.hidden_size, v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     n = sum(a * b * c for a, b, c in grids)
     if vision_pairs is None:
@@ -1570,6 +1577,14 @@ def attention_pairs(mask, lengths, impl):
     pad = (-T) % 128, (-S) % 128
     blocks = nn.functional.pad(mask, (0, pad[1], 0, pad[0])).view(B, (T + pad[0]) // 128, 128, (S + pad[1]) // 128, 128)
     return useful, int(blocks.any(4).any(2).sum()) * 128 * 128
+
+
+def separator_pairs(b):
+    """(useful, kernel) (query, key) pairs of the separators' queries, which are all the last layer runs
+    when only they are read (Qwen3VL's at=): `useful` what the mask lets them see, `kernel` every key of
+    their row (SDPA with the explicit mask, as that layer runs them)."""
+    seen = b.mask[b.row[:, None], b.sep_index].sum(-1)  # (S, Nmax)
+    return int(seen[b.score_valid].sum()), b.sep_index.numel() * b.input_ids.shape[1]
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -1670,11 +1685,10 @@ def score_fn(model, head, batch, device, causal):
     the fast path) because the batch is plain causal attention without padding."""
     to = lambda x: None if x is None else x.to(device)
     ids, pos, pv, grid = to(batch.input_ids), to(batch.position_ids), to(batch.pixel_values), to(batch.grid_thw)
-    row, sep, mask = to(batch.row)[:, None], to(batch.sep_index), None if causal else to(batch.mask)
+    row, sep, mask = to(batch.row), to(batch.sep_index), None if causal else to(batch.mask)
 
     def run():
-        h = model(ids, pv, grid, pos, mask, return_hidden=True)  # (R, T, D)
-        return head(h[row, sep])  # (S, N)
+        return head(model(ids, pv, grid, pos, mask, return_hidden=True, at=(row, sep)))  # (S, N, D) -> (S, N)
     return run
 
 
@@ -1766,7 +1780,7 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
                 sec, mem, out = timed(fn, device, args.warmup, args.repeats)
                 profile_once(fn, device, name, args.profile, row)
             scores[name] = out[0, :args.n].float().cpu()
-            row.update(measure(cfg, b, mode == "independent", 1, "sdpa", grids, sec, mem, peak))
+            row.update(measure(cfg, b, mode == "independent", 1, "sdpa", grids, sec, mem, peak, reads_all=True))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append(row)
@@ -1784,8 +1798,11 @@ def bench_forward(args, model, sep_id, device, dtype, peak, progress=lambda rows
     return rows
 
 
-def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak):
-    tokens = useful = kernel = vis_pairs = 0
+def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak, reads_all=False):
+    """A forward row's figures. Useful FLOPs count the last layer at the separators only (all a reward
+    model reads), for every row alike; kernel FLOPs count what the row's kernels compute: the last layer
+    at every position for `reads_all` (transformers), else at the separators (ours, at=)."""
+    tokens = useful = kernel = vis_pairs = scored = sep_u = sep_k = 0
     n_img = sum(a * b * c for a, b, c in grids)
     for b in batches:
         lengths = (b.sep_index.max(1).values + 1).tolist()  # a pack ends with its last separator
@@ -1793,9 +1810,12 @@ def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak):
         tokens, useful, kernel = tokens + sum(lengths), useful + u, kernel + k
         per_call = b.input_ids.shape[0] if grids else 0  # every row of a batch carries the image
         vis_pairs += per_call * n_img ** 2  # vision attention runs per image (vlm.attention_groups)
-    flops_u = forward_flops(cfg, tokens, useful, grids * images, scored=sum(b.sep_index.numel() for b in batches))
-    flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs,
-                            scored=sum(b.sep_index.numel() for b in batches))
+        scored += b.sep_index.numel()
+        u, k = separator_pairs(b)
+        sep_u, sep_k = sep_u + u, sep_k + k
+    flops_u = forward_flops(cfg, tokens, useful, grids * images, scored=scored, read=scored, read_pairs=sep_u)
+    flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs, scored=scored,
+                            **({} if reads_all else {"read": scored, "read_pairs": sep_k}))
     tflops = flops_u["total"] / sec / 1e12
     return {"tokens": tokens, "ms": sec * 1e3, "tok/s": tokens / sec, "TFLOP": flops_u["total"] / 1e12,
             "kernel TFLOP": flops_k["total"] / 1e12, "TFLOP/s": tflops, "MFU %": 100 * tflops / peak, "mem GiB": mem}
@@ -1835,7 +1855,8 @@ def time_train_step(name, forward, params, b, ranks, valid, cfg, args, device, p
         profile_once(step, device, name, args.profile, row)
         T, grid = b.input_ids.shape[1], b.grid_thw
         pairs = attention_pairs(None if args.mode == "joint" else b.mask, [T], impl)[0]
-        f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n)
+        f = forward_flops(cfg, T, pairs, grid.tolist() if grid is not None else [], scored=args.n,
+                          read=args.n, read_pairs=separator_pairs(b)[0])  # the needed work, for either row
         # the base weights are frozen: backward is the input gradient (one more forward's matmuls) through
         # the decoder only; no weight gradients except LoRA's (r / hidden of that), no recompute counted
         flops = f["vision"] + 2 * (f["total"] - f["vision"])

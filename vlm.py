@@ -452,7 +452,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # column slices of (B, T, (nh + 2 nkv) hd)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
@@ -461,6 +461,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if at is not None:  # only the queries at positions `index` (S, K) of rows `rows` (S,), each against its row
+            rows, index = at
+            q = q.transpose(1, 2)[rows[:, None], index].transpose(1, 2)  # (S, K, nh, hd) -> (S, nh, K, hd)
+            k, v = k.index_select(0, rows), v.index_select(0, rows)  # (S, nkv, T, hd)
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask = index[:, :, None] >= keys if mask is None else mask[rows[:, None], index]  # (S, K, T), causal
+            B, T = index.shape
         gqa = self.n_kv != self.n_head
         if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask from flex_block_mask()
             y = flex_kernel(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -469,7 +476,7 @@ class Attention(nn.Module):
             # SDPA's fused CUDA kernels take a mask or enable_gqa, not both: with both it silently runs
             # the math kernel (fp32 T x T scores). Repeating the kv heads keeps the fused kernel.
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hd)
-        if mask is not None and q.device.type == "cpu" and T >= 128:
+        if mask is not None and q.device.type == "cpu" and T >= 128 and at is None:
             # Masks are causal (attention_mask): no query sees a key past its own position. SDPA leaves
             # those keys out for is_causal but scores them all under an explicit mask; run on its own, the
             # first half of the queries leaves out the keys past it: 3/4 of the scores, the same result
@@ -506,16 +513,19 @@ class DecoderLayer(CompiledSteps):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
+        y = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, at)
+        if at is not None:
+            x = x[at[0][:, None], at[1]]  # (S, K, D): the residual stream at the positions read
+        x = x + y
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def checkpointed(self, x, cos, sin, mask):
+    def checkpointed(self, x, cos, sin, mask, at=None):
         """forward with activation checkpointing: only the inputs are kept, backward recomputes the rest.
         compile_layers compiles this method whole, checkpoint included, so the recompute happens inside
         the compiled backward and only what backward needs is recomputed (not down_proj, whose output
         only joins the residual stream); a compiled forward inside an eager checkpoint reruns all of it."""
-        return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, at=at, use_reentrant=False)
 
     compiled_steps = ("checkpointed",)
 
@@ -576,11 +586,17 @@ class Qwen3VL(nn.Module):
                 setattr(m, name, torch.compile(getattr(m, name), **kw))
 
     def forward(self, input_ids, pixel_values=None, grid_thw=None, position_ids=None, mask=None,
-                cache=None, return_hidden=False):
+                cache=None, return_hidden=False, at=None):
         """input_ids (B, T); pixel_values (N, C*T*p*p) with grid_thw (n, 3) for every image / video
         group in the batch, in order of appearance; position_ids (3, B, T) (text-only 1D positions if
         None); mask bool (B, T, T+cached) from attention_mask() or None for causal.
-        Returns logits (B, T, V), or final-norm hidden states (B, T, D) with return_hidden=True."""
+        Returns logits (B, T, V), or final-norm hidden states (B, T, D) with return_hidden=True.
+        at=(rows (S,), index (S, K)): the outputs at those positions only, (S, K, V or D). The last layer
+        then runs its attention queries, o_proj and MLP for them alone (keys and values for every token):
+        a reward model reads K separators of a T-token pack (counted by mrrm.forward_flops: 2% of the
+        4B model's forward on a 2,102-token pack, a fifth of the 4-layer shape-world backbone's)."""
+        if at is not None and cache is not None:
+            raise ValueError("at= reads final positions of a whole sequence; it does not combine with a KV cache")
         lm = self.model.language_model
         B, T = input_ids.shape
         x = lm.embed_tokens(input_ids)
@@ -602,18 +618,25 @@ class Qwen3VL(nn.Module):
         if mask is None and start > 0 and T > 1:  # a chunk after cached tokens: causal with an offset
             q_index = torch.arange(start, start + T, device=x.device).expand(B, T)
             mask = attention_mask(q_index, torch.arange(start + T, device=x.device).expand(B, start + T))
+        dense = mask  # the last layer's few queries take the boolean mask, whichever kernel the others use
         if self.attn_impl == "flex" and mask is not None and cache is None:
             mask = flex_block_mask(mask)
         cos, sin = mrope_cos_sin(position_ids, lm.cfg, x.dtype)
+        # the last layer reads only `at`, unless a DeepStack level still joins after it (a model of fewer
+        # layers than levels: then every position is computed and `at` picked at the end)
+        last = len(lm.layers) - 1 if at is not None and len(feats) < len(lm.layers) else None
         for i, layer in enumerate(lm.layers):
+            a, m = (at, dense) if i == last else (None, mask)
             if self.grad_checkpointing and self.training and cache is None:
-                x = layer.checkpointed(x, cos, sin, mask)
+                x = layer.checkpointed(x, cos, sin, m, a)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, m, cache, i, a)
             if i < len(feats):  # DeepStack: vision features of block k join the residual after layer k
                 x = x.flatten(0, 1).index_add(0, where, feats[i].to(x.dtype)).view(B, T, -1)
         if cache is not None:
             cache.length += T
+        if at is not None and last is None:
+            x = x[at[0][:, None], at[1]]  # (S, K, D)
         x = lm.norm(x)
         return x if return_hidden else self.logits(x)
 

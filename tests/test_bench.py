@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mrrm
 import vlm
-from mrrm import add_bench_args, attention_pairs, bench_model, forward_flops, synthetic_prompt
+from mrrm import add_bench_args, attention_pairs, bench_model, forward_flops, separator_pairs, synthetic_prompt
 from mrrm import collate, pack
 
 SIZES = ["--image-tokens", "16", "--prompt-len", "12", "--n", "3", "--resp-len", "9", "--threads", "1",
@@ -61,6 +61,23 @@ def test_forward_flops_equal_flop_counter_with_math_attention():
     expect = forward_flops(model.cfg, T, T * T, grid.tolist())["total"]
     got = fc.get_total_flops()
     assert abs(got - expect) / expect < 0.01, f"FlopCounterMode {got:,} vs analytic {expect:,}"
+
+
+def test_forward_flops_of_a_read_at_the_separators_equal_flop_counter_with_math_attention():
+    # with at= the last layer runs attention, o_proj and the MLP for the read positions only, against
+    # every key of their row (an explicit mask, which the math backend computes whole)
+    model, _, _ = tiny_model()
+    ids, pos, pixels, grid = synthetic_prompt(model.cfg, 16, 30, torch.Generator().manual_seed(0))
+    b = collate([pack(ids, pos, [[40] * 7, [41] * 12, [42] * 3], 2, "joint", pixel_values=pixels, grid_thw=grid)], "joint")
+    T = b.input_ids.shape[1]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(b.input_ids, b.pixel_values, b.grid_thw, b.position_ids, return_hidden=True, at=(b.row, b.sep_index))
+    expect = forward_flops(model.cfg, T, T * T, grid.tolist(), read=3, read_pairs=separator_pairs(b)[1])
+    got = fc.get_total_flops()
+    assert abs(got - expect["total"]) / expect["total"] < 0.01, f"FlopCounterMode {got:,} vs analytic {expect['total']:,}"
+    assert expect["total"] < 0.9 * forward_flops(model.cfg, T, T * T, grid.tolist())["total"]  # 4 layers: one mostly skipped
+    # useful pairs: each separator sees the keys up to itself (joint mode is causal)
+    assert separator_pairs(b)[0] == int((b.sep_index + 1).sum())
 
 
 def test_forward_flops_linear_terms_equal_flop_counter_with_default_sdpa():

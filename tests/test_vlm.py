@@ -165,20 +165,22 @@ def test_compiled_checkpointed_layers_recompute_only_what_backward_needs(monkeyp
     model.train()
     model.grad_checkpointing = True
     ids, w = torch.randint(20, 290, (2, 24)), torch.randn(2, 24, 64)
+    at = (torch.tensor([0, 1]), torch.tensor([[5, 23], [23, 11]]))  # as the reward model reads separators
 
-    def step():  # -> (matmuls run, LoRA gradients)
+    def step(at=None):  # -> (matmuls run, LoRA gradients)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            (model(ids, return_hidden=True) * w).sum().backward()
+            (model(ids, return_hidden=True, at=at) * (w if at is None else w[:, :2])).sum().backward()
         calls = {e.key: e.count for e in prof.key_averages()}
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         model.zero_grad(set_to_none=True)
         return sum(calls.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")), grads
-    eager, want = step()
+    (eager, want), (_, want_at) = step(), step(at)
     model.compile_layers()
-    step()  # the first call compiles
-    compiled, got = step()
+    step(), step(at)  # the first calls compile
+    (compiled, got), (_, got_at) = step(), step(at)
     assert compiled <= eager - 2 * model.cfg.text.num_hidden_layers, (compiled, eager)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want_at, got_at))
 
 
 def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch):
@@ -809,6 +811,9 @@ def test_a_forward_and_backward_with_images_has_one_data_dependent_op_whatever_t
     with DataDependent() as seen:
         model(ids, rows, grid, pos, return_hidden=True).square().sum().backward()
     assert seen.ops == ["aten::nonzero"], seen.ops
+    with DataDependent() as seen:  # as the reward model runs it: only the separators read (at=)
+        model(ids, rows, grid, pos, return_hidden=True, at=(torch.tensor([0]), torch.tensor([[3, 13]]))).square().sum().backward()
+    assert seen.ops == ["aten::nonzero"], seen.ops
     # pixel rows that do not match the grid are named as such, before any patch is sized from them
     with pytest.raises(ValueError, match=r"40 pixel rows but grid_thw=\[\[1, 4, 4\], \[1, 2, 4\]\] makes 24 patches"):
         model(ids, torch.randn(40, 384), grid, pos)
@@ -870,3 +875,49 @@ def test_attention_mask_equals_its_definition_entry_by_entry():
                 if segments[0] is not None:
                     want = want and int(k_segment[b, j]) in (0, int(q_segment[b, i]))
                 assert bool(got[b, i, j]) == (want or kj == qi), (b, i, j, segments[0] is None)
+
+
+@pytest.mark.parametrize("deepstack_levels,masked", [(1, False), (1, True), (3, True)])
+def test_reading_some_positions_equals_reading_them_from_the_full_forward_values_and_gradients(deepstack_levels, masked):
+    # at=(rows, index) runs the last layer's queries and MLP at those positions only. Rows may repeat
+    # (two packs in one row) and index may repeat (padding slots point at 0). With as many DeepStack levels
+    # as layers the last layer is computed whole and the positions picked after it. Checked against picking
+    # them from the full forward: values, and gradients of every weight (the last layer's k/v included).
+    from torch.utils.flop_counter import FlopCounterMode
+    special = {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}
+    cfg = vlm.tiny_config(300, special, t_num_hidden_layers=3, v_depth=3,
+                          v_deepstack_visual_indexes=tuple(range(deepstack_levels)))
+    torch.manual_seed(0)
+    model = vlm.Qwen3VL(cfg)
+    vlm.init_weights(model, std=0.1)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    gen = torch.Generator().manual_seed(3)
+    seqs = [[40] + [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+            + torch.randint(20, 200, (30,), generator=gen).tolist() for _ in range(2)]
+    ids = torch.tensor(seqs)
+    rows_px = torch.randn(32, 384, generator=gen)
+    pos = torch.stack([vlm.rope_positions(ids[b], grid[b:b + 1], cfg) for b in range(2)], 1)  # (3, B, T)
+    T = ids.shape[1]
+    index = torch.arange(T).expand(2, T)
+    segment = (torch.arange(T) >= 20).long().expand(2, T) * (1 + (torch.arange(T) >= 28).long())
+    mask = vlm.attention_mask(index, index, q_segment=segment, k_segment=segment) if masked else None
+    rows, at = torch.tensor([0, 0, 1]), torch.tensor([[27, 36, 0], [19, 5, 5], [36, 30, 0]])
+    w = torch.randn(3, 3, cfg.text.hidden_size, generator=gen)
+
+    def run(read):
+        with FlopCounterMode(display=False) as fc:
+            h = model(ids, rows_px, grid, pos, mask, return_hidden=True, at=(rows, at) if read else None)
+            h = h if read else h[rows[:, None], at]
+            (h * w).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return h.detach(), grads, fc.get_total_flops()
+    want, want_grads, full_flops = run(False)
+    got, got_grads, read_flops = run(True)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    worst = max(((got_grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item() for n, g in want_grads.items())
+    assert worst < 1e-4, worst
+    if deepstack_levels < cfg.text.num_hidden_layers:  # the last layer's queries and MLP ran for 9 of 2 x 38 rows
+        assert read_flops < 0.9 * full_flops, (read_flops, full_flops)
+    else:
+        assert read_flops == full_flops
