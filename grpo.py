@@ -202,6 +202,7 @@ def token_logprobs(model, r, temperature):
     pv = None if r.pixel_values is None else r.pixel_values.to(d)
     grid = None if r.grid_thw is None else r.grid_thw.to(d)
     (B, T), L = r.input_ids.shape, r.completion.shape[1]
+    assert bool((r.start >= 1).all()), "a completion needs at least one prompt token before it"
     # the hidden state at t predicts token t + 1: completion token j is read at start + j - 1; only these
     # rows go through the last layer's queries and MLP and the output projection (a prompt's logits over
     # the vocabulary are never used)

@@ -1802,7 +1802,7 @@ def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak, reads_all
     """A forward row's figures. Useful FLOPs count the last layer at the separators only (all a reward
     model reads), for every row alike; kernel FLOPs count what the row's kernels compute: the last layer
     at every position for `reads_all` (transformers), else at the separators (ours, at=)."""
-    tokens = useful = kernel = vis_pairs = scored = sep_u = sep_k = 0
+    tokens = useful = kernel = vis_pairs = scored = slots = sep_u = sep_k = 0
     n_img = sum(a * b * c for a, b, c in grids)
     for b in batches:
         lengths = (b.sep_index.max(1).values + 1).tolist()  # a pack ends with its last separator
@@ -1810,12 +1810,13 @@ def measure(cfg, batches, masked, images, impl, grids, sec, mem, peak, reads_all
         tokens, useful, kernel = tokens + sum(lengths), useful + u, kernel + k
         per_call = b.input_ids.shape[0] if grids else 0  # every row of a batch carries the image
         vis_pairs += per_call * n_img ** 2  # vision attention runs per image (vlm.attention_groups)
-        scored += b.sep_index.numel()
+        scored += int(b.score_valid.sum())  # real separators; a padded slot is computed but not needed
+        slots += b.sep_index.numel()
         u, k = separator_pairs(b)
         sep_u, sep_k = sep_u + u, sep_k + k
     flops_u = forward_flops(cfg, tokens, useful, grids * images, scored=scored, read=scored, read_pairs=sep_u)
-    flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs, scored=scored,
-                            **({} if reads_all else {"read": scored, "read_pairs": sep_k}))
+    flops_k = forward_flops(cfg, tokens, kernel, grids * images, vision_pairs=vis_pairs, scored=slots,
+                            **({} if reads_all else {"read": slots, "read_pairs": sep_k}))
     tflops = flops_u["total"] / sec / 1e12
     return {"tokens": tokens, "ms": sec * 1e3, "tok/s": tokens / sec, "TFLOP": flops_u["total"] / 1e12,
             "kernel TFLOP": flops_k["total"] / 1e12, "TFLOP/s": tflops, "MFU %": 100 * tflops / peak, "mem GiB": mem}

@@ -75,7 +75,17 @@ def test_forward_flops_of_a_read_at_the_separators_equal_flop_counter_with_math_
     expect = forward_flops(model.cfg, T, T * T, grid.tolist(), read=3, read_pairs=separator_pairs(b)[1])
     got = fc.get_total_flops()
     assert abs(got - expect["total"]) / expect["total"] < 0.01, f"FlopCounterMode {got:,} vs analytic {expect['total']:,}"
-    assert expect["total"] < 0.9 * forward_flops(model.cfg, T, T * T, grid.tolist())["total"]  # 4 layers: one mostly skipped
+    assert expect["total"] < 0.9 * forward_flops(model.cfg, T, T * T, grid.tolist())["total"]  # 2 layers: one mostly skipped
+    # term by term, exactly: the decoder's linears are the counter's aten.mm (the vision tower's are
+    # addmm), and the last layer's attention (its bmm) is the 3 separators' queries against all T keys
+    flops = fc.get_flop_counts()
+    t = model.cfg.text
+    layers = [flops[f"Qwen3VL.model.language_model.layers.{i}"] for i in range(t.num_hidden_layers)]
+    last = layers[-1]
+    assert flops["Global"][torch.ops.aten.mm] == expect["text_linear"]
+    assert sum(layer[torch.ops.aten.bmm] for layer in layers) == expect["text_attention"]
+    assert separator_pairs(b)[1] == 3 * T
+    assert last[torch.ops.aten.bmm] == 4 * t.num_attention_heads * t.head_dim * 3 * T
     # useful pairs: each separator sees the keys up to itself (joint mode is causal)
     assert separator_pairs(b)[0] == int((b.sep_index + 1).sum())
 
@@ -333,3 +343,25 @@ def test_the_reference_train_row_runs_after_our_model_and_compiled_state_are_fre
     finally:
         gc.enable()
     assert "error" not in out["train"][0] and alive == [False] and resets == [False], (out["train"], alive, resets)
+
+
+def test_measure_counts_real_separators_as_useful_and_the_skipped_last_layer_as_kernel_work():
+    # two packs, 3 and 2 responses: the batch has 2 x 3 separator slots, one of them padding
+    cfg = tiny_model()[0].cfg
+    P = 10
+    packs = [pack(torch.arange(P) + 20, torch.arange(P).expand(3, P), r, 2, "joint")
+             for r in ([[30] * 4, [31] * 6, [32] * 2], [[33] * 5, [34] * 3])]
+    b = collate(packs, "joint")
+    tokens = sum(len(p.input_ids) for p in packs)
+    ours = mrrm.measure(cfg, [b], False, 1, "sdpa", [], 1.0, 0.0, 1.0)
+    theirs = mrrm.measure(cfg, [b], False, 1, "sdpa", [], 1.0, 0.0, 1.0, reads_all=True)
+    pairs = sum(n * (n + 1) // 2 for n in (len(p.input_ids) for p in packs))
+    seen = sum(int(s) + 1 for p in packs for s in p.sep_index)  # causal: a separator sees up to itself
+    useful = forward_flops(cfg, tokens, pairs, scored=5, read=5, read_pairs=seen)["total"]
+    assert ours["TFLOP"] == theirs["TFLOP"] == pytest.approx(useful / 1e12, rel=1e-12)
+    T = b.input_ids.shape[1]
+    kernel = forward_flops(cfg, tokens, pairs, scored=6, read=6, read_pairs=6 * T)["total"]
+    assert ours["kernel TFLOP"] == pytest.approx(kernel / 1e12, rel=1e-12)
+    # transformers runs the last layer at every token: more kernel work than ours, by what at= skips
+    full = forward_flops(cfg, tokens, pairs, scored=6)["total"]
+    assert theirs["kernel TFLOP"] == pytest.approx(full / 1e12, rel=1e-12) and full > kernel
