@@ -87,7 +87,7 @@ def test_frame_folders_take_their_rate_from_fps_or_sampling_interval(world, tmp_
     rm = mrrm.RewardModel.load(str(world / "m"))
     tok = rm.processor.tokenizer
     # frame pairs (0, 1) and (2, 3) are stamped with their mean time: 4 s apart gives 2 s and 10 s
-    stamps = [tok.decode(mrrm.PromptCache(rm, 0)(s)[0].tolist()) for s in samples]
+    stamps = [tok.decode(mrrm.PromptCache(rm, 0)(s)[0][0].tolist()) for s in samples]
     assert "<2.0 seconds>" in stamps[0] and "<10.0 seconds>" in stamps[0]
     assert "<0.5 seconds>" in stamps[1] and "<2.5 seconds>" in stamps[1]
     assert "<0.2 seconds>" in stamps[2] and "<1.2 seconds>" in stamps[2]  # the processor's 2 fps
@@ -203,6 +203,23 @@ def test_every_use_of_a_sample_gets_its_own_response_order():
     assert len(orders) > 8
     epoch = sorted(mrrm.sample_order(5, u, 0)[0] for u in range(5, 10))
     assert epoch == [0, 1, 2, 3, 4]  # each epoch is a permutation
+
+
+def test_a_cached_sample_encodes_as_the_uncached_one_in_every_order(world):
+    # PromptCache keeps the prompt and each response's token ids: a reshuffled use must pack exactly
+    # what encoding its text afresh packs (a budget of 0 caches nothing; both paths are compared)
+    samples = mrrm.load_samples(str(world / "d" / "train.jsonl"))[:3]
+    rm = mrrm.RewardModel.load(str(world / "m"))
+    cached, fresh = mrrm.PromptCache(rm, 2**20), mrrm.PromptCache(rm, 0)
+    for s in samples:
+        for order in ([0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]):
+            cached(s)  # from the second use on, the stored encoding
+            got, ranks = mrrm.encode_sample(rm, s, order, "independent", cached)
+            want = rm.encode(s.prompt, [s.responses[i] for i in order], mrrm.open_images(s), mode="independent")
+            assert torch.equal(ranks, torch.tensor([s.rankings[i] for i in order]))
+            for field in ("input_ids", "position_ids", "segment", "sep_index", "pixel_values", "grid_thw"):
+                assert torch.equal(getattr(got, field), getattr(want, field)), (s.where, order, field)
+    assert len(cached.store) == 3 and not fresh.store
 
 
 # --- training, resume, checkpoints --------------------------------------------
@@ -454,7 +471,7 @@ def test_samples_of_a_one_line_json_list_keep_their_own_location_and_prompt(worl
     assert len({s.id for s in samples}) == 3
     rm = mrrm.RewardModel.load(str(world / "m"))
     cache = mrrm.PromptCache(rm, 2**20)
-    decoded = [rm.processor.tokenizer.decode(cache(s)[0].tolist()) for s in samples]
+    decoded = [rm.processor.tokenizer.decode(cache(s)[0][0].tolist()) for s in samples]
     assert all(f"question {i}" in d for i, d in enumerate(decoded)), decoded
 
 
