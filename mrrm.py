@@ -68,6 +68,7 @@ class Pack:
     pixel_values: torch.Tensor = None
     grid_thw: torch.Tensor = None
     truncated: bool = False
+    vision: tuple = None  # the prompt's vision-tower outputs (tokens, [DeepStack]), in place of pixel_values
 
 
 def fit_lengths(lengths, budget):
@@ -96,9 +97,10 @@ def fit_lengths(lengths, budget):
 
 
 def pack(prompt_ids, prompt_pos, response_ids, sep_id, mode="joint", max_len=None, pixel_values=None,
-         grid_thw=None, where=""):
+         grid_thw=None, where="", vision=None):
     """Prompt (ids + 3D positions from vlm.rope_positions) followed by N responses, each + separator.
-    In independent mode every response's positions restart where the prompt ends."""
+    In independent mode every response's positions restart where the prompt ends. The prompt's media
+    come as pixel_values, or as their vision-tower outputs (`vision`, PromptCache's)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     P, N = len(prompt_ids), len(response_ids)
@@ -124,7 +126,8 @@ def pack(prompt_ids, prompt_pos, response_ids, sep_id, mode="joint", max_len=Non
         seps.append(t + n - 1)
         t += n
         offset = start if mode == "independent" else offset + n
-    return Pack(torch.cat(ids), torch.cat(pos, 1), torch.cat(seg), torch.tensor(seps), pixel_values, grid_thw, truncated)
+    return Pack(torch.cat(ids), torch.cat(pos, 1), torch.cat(seg), torch.tensor(seps), pixel_values, grid_thw, truncated,
+                vision)
 
 
 @dataclass
@@ -138,6 +141,7 @@ class PackedBatch:
     pixel_values: torch.Tensor = None
     grid_thw: torch.Tensor = None
     causal: bool = False  # mask is plain causal with no padding: the model may use SDPA's is_causal path
+    vision: tuple = None  # precomputed vision-tower outputs of every pack, in place of pixel_values
 
 
 def place(lengths, row_tokens):
@@ -188,8 +192,14 @@ def collate(packs, mode, pad_id=0, row_tokens=0):
     order = [packs[i] for r in rows for i in r]  # media in order of appearance, row by row
     media = [p.pixel_values for p in order if p.pixel_values is not None]
     grids = [p.grid_thw for p in order if p.grid_thw is not None]
+    vision = [p.vision for p in order if p.vision is not None]
+    if media and vision:  # the model takes one or the other for the whole batch
+        raise ValueError("a batch mixes packs with pixel rows and packs with precomputed vision outputs")
+    if vision:  # tokens, then each DeepStack level, in order of appearance: (sum n, D) each
+        vision = (torch.cat([v[0] for v in vision]), [torch.cat(level) for level in zip(*(v[1] for v in vision))])
     return PackedBatch(ids, pos, mask, sep, score_valid, row, torch.cat(media) if media else None,
-                       torch.cat(grids) if grids else None, causal=mode == "joint" and bool(valid.all()) and R == S)
+                       torch.cat(grids) if grids else None, causal=mode == "joint" and bool(valid.all()) and R == S,
+                       vision=vision or None)
 
 
 # -----------------------------------------------------------------------------
@@ -296,28 +306,30 @@ class RewardModel(nn.Module):
         return ids, vlm.rope_positions(ids, grid, self.backbone.cfg), torch.cat(rows) if rows else None, grid
 
     def encode(self, prompt, responses, images=(), videos=(), mode="joint", where="", encoded_prompt=None,
-               encoded_responses=None):
+               encoded_responses=None, vision=None):
         """Text, media and responses -> Pack (the prompt's media go through the processor once).
-        encoded_prompt / encoded_responses: encode_prompt's output and the responses' token ids, when
-        the caller has them already (PromptCache)."""
+        encoded_prompt / encoded_responses / vision: encode_prompt's output, the responses' token ids and
+        the media's vision-tower outputs (then no pixel rows are packed), when the caller has them
+        already (PromptCache)."""
         if len(responses) > self.max_responses:
             raise ValueError(f"{where}{len(responses)} responses, more than max_responses={self.max_responses}")
         if not responses:
             raise ValueError(f"{where}no responses to score")
         ids, pos, rows, grid = encoded_prompt or self.encode_prompt(prompt, images, videos)
         resp = encoded_responses or [self.processor.tokenizer.encode(r) for r in responses]
-        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, rows, grid, where)
+        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, None if vision else rows, grid, where, vision)
 
     def forward(self, batch):
         """PackedBatch -> scores (S, Nmax), a line per pack; entries where score_valid is False are meaningless."""
         d = self.device
         pv = None if batch.pixel_values is None else batch.pixel_values.to(d)
         grid = None if batch.grid_thw is None else batch.grid_thw.to(d)
+        vision = None if batch.vision is None else (batch.vision[0].to(d), [f.to(d) for f in batch.vision[1]])
         # a joint pack without padding is plain causal: no mask lets SDPA take its is_causal kernel
         mask = None if batch.causal else batch.mask.to(d)
         # only the separators' hidden states, (S, Nmax, D): the last layer computes nothing else
         h_sep = self.backbone(batch.input_ids.to(d), pv, grid, batch.position_ids.to(d), mask, return_hidden=True,
-                              at=(batch.row.to(d), batch.sep_index.to(d)))
+                              at=(batch.row.to(d), batch.sep_index.to(d)), vision=vision)
         return self.head(h_sep)
 
     @torch.no_grad()
@@ -844,31 +856,78 @@ def open_images(sample):
 class PromptCache:
     """Each sample encoded once, up to a byte budget: the prompt (ids, positions, pixel rows, grid) and
     each response's token ids, so a sample is processed once however often its responses are
-    reshuffled (tokenizing the 4 responses again cost ~0.1 ms a use, 2 ms a shape-world step)."""
+    reshuffled (tokenizing the 4 responses again cost ~0.1 ms a use, 2 ms a shape-world step).
+    When the vision tower is frozen (LoRA on the language model only, the default) its outputs for a
+    sample never change: those are kept instead of the pixel rows, and the tower runs once per sample,
+    not at every use (shape-world: 6.7 of a step's 101 ms). fill() encodes a batch's new samples with
+    one run of the tower, as the forward would; one at a time it ran 3x slower on shape-world.
+    A budget of 0 keeps nothing, and packs pixel rows as an uncached encode does."""
 
     def __init__(self, rm, budget_bytes):
-        self.rm, self.budget, self.used, self.store = rm, budget_bytes, 0, {}
+        self.rm, self.budget, self.used, self.store, self.recent = rm, budget_bytes, 0, {}, {}
+        visual = rm.backbone.model.visual
+        self.vision = budget_bytes > 0 and not any(p.requires_grad for p in visual.parameters())
 
     def __call__(self, s):
-        """-> ((ids, positions, pixel rows, grid), [token ids of each response])."""
-        if s.where in self.store:
-            return self.store[s.where]
+        """-> ((ids, positions, pixel rows or None, grid), [token ids of each response], vision outputs or None)."""
+        if s.where in self.store or s.where in self.recent:
+            return self.store.get(s.where) or self.recent[s.where]
+        enc, resp = self._encode(s)
+        return self._keep(s.where, enc, resp, self._tower([enc])[0] if self._uses_tower(enc) else None)
+
+    def fill(self, samples):
+        """Encode those of `samples` not kept yet, the tower running once over all their media. A sample
+        that fails to encode is left out: __call__ raises its error, where the caller handles bad records.
+        What the budget cannot keep is held until the next fill (this batch's uses)."""
+        new, self.recent = {}, {}
+        for s in samples:
+            if s.where not in self.store and s.where not in new:
+                try:
+                    new[s.where] = self._encode(s)
+                except ValueError:
+                    pass
+        media = [w for w, (enc, _) in new.items() if self._uses_tower(enc)]
+        vision = dict(zip(media, self._tower([new[w][0] for w in media]))) if media else {}
+        for w, (enc, resp) in new.items():
+            self._keep(w, enc, resp, vision.get(w), hold=True)
+
+    def _encode(self, s):
         try:
             enc = self.rm.encode_prompt(s.prompt, open_images(s), s.videos, s.video_fps)
         except ValueError as e:  # a video frame that does not open, ...: the message names the record
             raise (e if str(e).startswith(s.where) else ValueError(f"{s.where}: {e}")) from None
-        resp = [self.rm.processor.tokenizer.encode(r) for r in s.responses]
-        size = sum(t.numel() * t.element_size() for t in enc if t is not None) + 8 * sum(map(len, resp))
+        return enc, [self.rm.processor.tokenizer.encode(r) for r in s.responses]
+
+    def _uses_tower(self, enc):
+        return self.vision and enc[2] is not None
+
+    def _tower(self, encs):
+        """The frozen tower over several samples' pixel rows at once -> each sample's (tokens, [DeepStack])."""
+        d, merge = self.rm.device, self.rm.backbone.cfg.vision.spatial_merge_size
+        rows, grid = torch.cat([e[2] for e in encs]).to(d), torch.cat([e[3] for e in encs]).to(d)
+        with torch.no_grad(), precision(d.type)[1]:  # as the forward would run it: under train's autocast
+            tokens, feats = self.rm.backbone.model.visual(rows, grid)
+        counts = [int(e[3].prod(-1).sum()) // merge ** 2 for e in encs]  # each sample's merged tokens
+        parts = [t.cpu().split(counts) for t in [tokens, *feats]]  # kept with the rest, in host memory
+        return [(p[0], list(p[1:])) for p in zip(*parts)]
+
+    def _keep(self, where, enc, resp, vision, hold=False):
+        if vision is not None:
+            enc = enc[:2] + (None,) + enc[3:]  # the tower's outputs replace the pixel rows
+        kept = [t for t in enc if t is not None] + ([vision[0], *vision[1]] if vision else [])
+        size = sum(t.numel() * t.element_size() for t in kept) + 8 * sum(map(len, resp))
         if self.used + size <= self.budget:
-            self.store[s.where], self.used = (enc, resp), self.used + size
-        return enc, resp
+            self.store[where], self.used = (enc, resp, vision), self.used + size
+        elif hold:
+            self.recent[where] = (enc, resp, vision)
+        return enc, resp, vision
 
 
 def encode_sample(rm, s, order, mode, cache):
     """Sample with its responses in `order` -> (Pack, ranks (N,))."""
-    prompt, resp = cache(s)
+    prompt, resp, vision = cache(s)
     return (rm.encode(s.prompt, [s.responses[i] for i in order], mode=mode, where=f"{s.where}: ",
-                      encoded_prompt=prompt, encoded_responses=[resp[i] for i in order]),
+                      encoded_prompt=prompt, encoded_responses=[resp[i] for i in order], vision=vision),
             torch.tensor([s.rankings[i] for i in order]))
 
 
@@ -1039,6 +1098,7 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
     sums = [[0.0] * len(s.responses) for s in samples]
     counts = [0] * len(samples)
     for b in range(0, len(jobs), batch_size):
+        cache.fill([samples[i] for i, _ in jobs[b:b + batch_size]])
         encoded = [encode_or_skip(rm, samples[i], order, mode, cache, skipped) for i, order in jobs[b:b + batch_size]]
         chunk = [job for job, e in zip(jobs[b:b + batch_size], encoded) if e is not None]
         packs = [e[0] for e in encoded if e is not None]
@@ -1305,8 +1365,9 @@ def train(args):
                 for micro in range(accum):
                     first = step * args.batch_size + micro * args.micro_batch
                     packs, ranks, ids = [], [], []
-                    for use in range(first, first + args.micro_batch):
-                        i, gen = sample_order(len(samples), use, args.seed)
+                    picks = [sample_order(len(samples), use, args.seed) for use in range(first, first + args.micro_batch)]
+                    cache.fill([samples[i] for i, _ in picks])  # new samples' media: one run of a frozen tower
+                    for i, gen in picks:
                         s = samples[i]
                         order = torch.randperm(len(s.responses), generator=gen).tolist()
                         encoded = encode_or_skip(rm, s, order, mode, cache, skipped)
@@ -2200,7 +2261,8 @@ def parser():
     t.add_argument("--resume", action="store_true", help="continue exactly from --out's latest checkpoint")
     t.add_argument("--export", type=on_off, default=True,
                    help="write OUT/merged (Hub layout, base + LoRA merged) and OUT/peft at the end (default: on)")
-    t.add_argument("--cache-gb", type=float, default=1.0, help="memory for encoded prompts (pixels) reused across epochs")
+    t.add_argument("--cache-gb", type=float, default=1.0, help="memory for encoded samples reused across epochs "
+                   "(prompt, response tokens, and a frozen vision tower's outputs or else the pixel rows)")
 
     e = sub.add_parser("eval", help="best-of-N, pairwise, Kendall tau, exact ranking (or a benchmark's own rule)")
     e.add_argument("--model", default=None, help="backbone folder (default: the one --adapter was trained on)")

@@ -586,7 +586,7 @@ class Qwen3VL(nn.Module):
                 setattr(m, name, torch.compile(getattr(m, name), **kw))
 
     def forward(self, input_ids, pixel_values=None, grid_thw=None, position_ids=None, mask=None,
-                cache=None, return_hidden=False, at=None):
+                cache=None, return_hidden=False, at=None, vision=None):
         """input_ids (B, T); pixel_values (N, C*T*p*p) with grid_thw (n, 3) for every image / video
         group in the batch, in order of appearance; position_ids (3, B, T) (text-only 1D positions if
         None); mask bool (B, T, T+cached) from attention_mask() or None for causal.
@@ -594,15 +594,17 @@ class Qwen3VL(nn.Module):
         at=(rows (S,), index (S, K)): the outputs at those positions only, (S, K, V or D). The last layer
         then runs its attention queries, o_proj and MLP for them alone (keys and values for every token):
         a reward model reads K separators of a T-token pack (counted by mrrm.forward_flops: 2% of the
-        4B model's forward on a 2,102-token pack, a fifth of the 4-layer shape-world backbone's)."""
+        4B model's forward on a 2,102-token pack, a fifth of the 4-layer shape-world backbone's).
+        vision=(tokens (N/4, D), [DeepStack features (N/4, D)]): model.visual's outputs for the batch's
+        media, computed already (a frozen tower's, kept by mrrm's PromptCache), in place of pixel_values."""
         if at is not None and cache is not None:
             raise ValueError("at= reads final positions of a whole sequence; it does not combine with a KV cache")
         lm = self.model.language_model
         B, T = input_ids.shape
         x = lm.embed_tokens(input_ids)
         feats = []
-        if pixel_values is not None:
-            vis, feats = self.model.visual(pixel_values, grid_thw)
+        if pixel_values is not None or vision is not None:
+            vis, feats = vision if vision is not None else self.model.visual(pixel_values, grid_thw)
             # the image/video pad tokens, as flat indices into (B T), found once (a host sync on a GPU, for
             # their count; the vision tower's read of the grid is the other): the vision tokens and each
             # DeepStack level then go in by index, with no further sync

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import lora
 import mrrm
 import vlm
 from data import shapeworld
@@ -205,21 +206,42 @@ def test_every_use_of_a_sample_gets_its_own_response_order():
     assert epoch == [0, 1, 2, 3, 4]  # each epoch is a permutation
 
 
-def test_a_cached_sample_encodes_as_the_uncached_one_in_every_order(world):
-    # PromptCache keeps the prompt and each response's token ids: a reshuffled use must pack exactly
-    # what encoding its text afresh packs (a budget of 0 caches nothing; both paths are compared)
-    samples = mrrm.load_samples(str(world / "d" / "train.jsonl"))[:3]
+@pytest.mark.parametrize("targets", ["lm", "lm+vision"])
+def test_a_cached_sample_scores_as_the_uncached_one_in_every_order(world, targets):
+    # PromptCache keeps the prompt, each response's token ids and, when LoRA leaves the vision tower
+    # frozen ("lm"), the tower's outputs in place of the pixel rows. A reshuffled use must pack the
+    # tokens that encoding its text afresh packs, and score what the pixel path scores (the tower run
+    # per sample, not per batch: the same up to rounding), short packs sharing rows included.
+    samples = mrrm.load_samples(str(world / "d" / "train.jsonl"))[:5]
     rm = mrrm.RewardModel.load(str(world / "m"))
-    cached, fresh = mrrm.PromptCache(rm, 2**20), mrrm.PromptCache(rm, 0)
-    for s in samples:
-        for order in ([0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]):
+    lora.inject_lora(rm.backbone, r=4, targets=mrrm._targets(targets))
+    cached, tight = mrrm.PromptCache(rm, 2**24), mrrm.PromptCache(rm, 1)  # tight: keeps nothing, holds a batch
+    orders = ([0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0])
+    cached.fill(samples[:3])  # the tower once for three samples; the other two one at a time, below
+    tight.fill(samples)
+    assert len(cached.store) == 3 and not tight.store and len(tight.recent) == 5
+    for order in orders:
+        got, want = [], []
+        for s in samples:
+            assert mrrm.encode_sample(rm, s, order, "independent", tight)[0].vision is not None or targets != "lm"
             cached(s)  # from the second use on, the stored encoding
-            got, ranks = mrrm.encode_sample(rm, s, order, "independent", cached)
-            want = rm.encode(s.prompt, [s.responses[i] for i in order], mrrm.open_images(s), mode="independent")
+            g, ranks = mrrm.encode_sample(rm, s, order, "independent", cached)
+            w = rm.encode(s.prompt, [s.responses[i] for i in order], mrrm.open_images(s), mode="independent")
             assert torch.equal(ranks, torch.tensor([s.rankings[i] for i in order]))
-            for field in ("input_ids", "position_ids", "segment", "sep_index", "pixel_values", "grid_thw"):
-                assert torch.equal(getattr(got, field), getattr(want, field)), (s.where, order, field)
-    assert len(cached.store) == 3 and not fresh.store
+            for field in ("input_ids", "position_ids", "segment", "sep_index", "grid_thw"):
+                assert torch.equal(getattr(g, field), getattr(w, field)), (s.where, order, field)
+            assert (g.vision is not None, g.pixel_values is None) == ((targets == "lm",) * 2), targets
+            got.append(g), want.append(w)
+        with torch.no_grad():
+            a = rm(mrrm.collate(got, "independent", row_tokens=256))
+            b = rm(mrrm.collate(want, "independent", row_tokens=256))
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert len(cached.store) == 5
+    tight.fill([])
+    assert not tight.recent  # a fill lets the last batch's go
+    if targets == "lm":
+        with pytest.raises(ValueError, match="mixes packs with pixel rows and packs with precomputed vision"):
+            mrrm.collate([got[0], want[1]], "joint")
 
 
 # --- training, resume, checkpoints --------------------------------------------
