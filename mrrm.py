@@ -196,7 +196,10 @@ def collate(packs, mode, pad_id=0, row_tokens=0):
     if media and vision:  # the model takes one or the other for the whole batch
         raise ValueError("a batch mixes packs with pixel rows and packs with precomputed vision outputs")
     if vision:  # tokens, then each DeepStack level, in order of appearance: (sum n, D) each
-        vision = (torch.cat([v[0] for v in vision]), [torch.cat(level) for level in zip(*(v[1] for v in vision))])
+        # kept ones live in host memory, ones PromptCache only held for this batch on the device: join there
+        d = next((v[0].device for v in vision if v[0].device.type != "cpu"), torch.device("cpu"))
+        vision = (torch.cat([v[0].to(d) for v in vision]),
+                  [torch.cat([f.to(d) for f in level]) for level in zip(*(v[1] for v in vision))])
     return PackedBatch(ids, pos, mask, sep, score_valid, row, torch.cat(media) if media else None,
                        torch.cat(grids) if grids else None, causal=mode == "joint" and bool(valid.all()) and R == S,
                        vision=vision or None)
@@ -908,7 +911,7 @@ class PromptCache:
         with torch.no_grad(), precision(d.type)[1]:  # as the forward would run it: under train's autocast
             tokens, feats = self.rm.backbone.model.visual(rows, grid)
         counts = [int(e[3].prod(-1).sum()) // merge ** 2 for e in encs]  # each sample's merged tokens
-        parts = [t.cpu().split(counts) for t in [tokens, *feats]]  # kept with the rest, in host memory
+        parts = [t.split(counts) for t in [tokens, *feats]]
         return [(p[0], list(p[1:])) for p in zip(*parts)]
 
     def _keep(self, where, enc, resp, vision, hold=False):
@@ -916,9 +919,10 @@ class PromptCache:
             enc = enc[:2] + (None,) + enc[3:]  # the tower's outputs replace the pixel rows
         kept = [t for t in enc if t is not None] + ([vision[0], *vision[1]] if vision else [])
         size = sum(t.numel() * t.element_size() for t in kept) + 8 * sum(map(len, resp))
-        if self.used + size <= self.budget:
+        if self.used + size <= self.budget:  # kept with the rest, in host memory
+            vision = vision and (vision[0].cpu(), [f.cpu() for f in vision[1]])
             self.store[where], self.used = (enc, resp, vision), self.used + size
-        elif hold:
+        elif hold:  # for this batch only: left on the device, no round trip through the host
             self.recent[where] = (enc, resp, vision)
         return enc, resp, vision
 
