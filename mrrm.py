@@ -876,20 +876,23 @@ class PromptCache:
         if s.where in self.store or s.where in self.recent:
             return self.store.get(s.where) or self.recent[s.where]
         enc, resp = self._encode(s)
-        return self._keep(s.where, enc, resp, self._tower([enc])[0] if self._uses_tower(enc) else None)
+        return self._keep(s.where, enc, resp, self._tower([enc])[0] if self._uses_tower(enc, len(resp)) else None)
 
-    def fill(self, samples):
+    def fill(self, samples, skipped=()):
         """Encode those of `samples` not kept yet, the tower running once over all their media. A sample
-        that fails to encode is left out: __call__ raises its error, where the caller handles bad records.
-        What the budget cannot keep is held until the next fill (this batch's uses)."""
+        that fails to encode is left out: __call__ raises its error, where the caller handles bad records
+        (`skipped`: those already found bad, encode_or_skip's). What the budget cannot keep is held until
+        the next fill (this batch's uses). A sample's outputs depend on its own media only, but which
+        samples share the tower's run does depend on what is kept: on a GPU a resumed run may round
+        them differently from the run it continues (on the CPU the tests find them equal)."""
         new, self.recent = {}, {}
         for s in samples:
-            if s.where not in self.store and s.where not in new:
+            if s.where not in self.store and s.where not in new and s.where not in (skipped or ()):
                 try:
                     new[s.where] = self._encode(s)
                 except ValueError:
                     pass
-        media = [w for w, (enc, _) in new.items() if self._uses_tower(enc)]
+        media = [w for w, (enc, resp) in new.items() if self._uses_tower(enc, len(resp))]
         vision = dict(zip(media, self._tower([new[w][0] for w in media]))) if media else {}
         for w, (enc, resp) in new.items():
             self._keep(w, enc, resp, vision.get(w), hold=True)
@@ -901,8 +904,10 @@ class PromptCache:
             raise (e if str(e).startswith(s.where) else ValueError(f"{s.where}: {e}")) from None
         return enc, [self.rm.processor.tokenizer.encode(r) for r in s.responses]
 
-    def _uses_tower(self, enc):
-        return self.vision and enc[2] is not None
+    def _uses_tower(self, enc, n_responses):
+        # a prompt that leaves no room for the separators fails in pack(): no tower run for it
+        fits = self.rm.max_len is None or len(enc[0]) + n_responses <= self.rm.max_len
+        return self.vision and enc[2] is not None and fits
 
     def _tower(self, encs):
         """The frozen tower over several samples' pixel rows at once -> each sample's (tokens, [DeepStack])."""
@@ -918,9 +923,10 @@ class PromptCache:
         if vision is not None:
             enc = enc[:2] + (None,) + enc[3:]  # the tower's outputs replace the pixel rows
         kept = [t for t in enc if t is not None] + ([vision[0], *vision[1]] if vision else [])
-        size = sum(t.numel() * t.element_size() for t in kept) + 8 * sum(map(len, resp))
-        if self.used + size <= self.budget:  # kept with the rest, in host memory
-            vision = vision and (vision[0].cpu(), [f.cpu() for f in vision[1]])
+        size = sum(t.numel() * t.element_size() for t in kept) + 36 * sum(map(len, resp))  # a list's int: ~36 bytes
+        if self.used + size <= self.budget:  # kept with the rest, in host memory, as copies: a slice of the
+            # tower's batch output would keep the whole of it alive
+            vision = vision and (vision[0].to("cpu", copy=True), [f.to("cpu", copy=True) for f in vision[1]])
             self.store[where], self.used = (enc, resp, vision), self.used + size
         elif hold:  # for this batch only: left on the device, no round trip through the host
             self.recent[where] = (enc, resp, vision)
@@ -1102,7 +1108,7 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
     sums = [[0.0] * len(s.responses) for s in samples]
     counts = [0] * len(samples)
     for b in range(0, len(jobs), batch_size):
-        cache.fill([samples[i] for i, _ in jobs[b:b + batch_size]])
+        cache.fill([samples[i] for i, _ in jobs[b:b + batch_size]], skipped)
         encoded = [encode_or_skip(rm, samples[i], order, mode, cache, skipped) for i, order in jobs[b:b + batch_size]]
         chunk = [job for job, e in zip(jobs[b:b + batch_size], encoded) if e is not None]
         packs = [e[0] for e in encoded if e is not None]
@@ -1370,7 +1376,7 @@ def train(args):
                     first = step * args.batch_size + micro * args.micro_batch
                     packs, ranks, ids = [], [], []
                     picks = [sample_order(len(samples), use, args.seed) for use in range(first, first + args.micro_batch)]
-                    cache.fill([samples[i] for i, _ in picks])  # new samples' media: one run of a frozen tower
+                    cache.fill([samples[i] for i, _ in picks], skipped)  # new samples' media: one run of a frozen tower
                     for i, gen in picks:
                         s = samples[i]
                         order = torch.randperm(len(s.responses), generator=gen).tolist()

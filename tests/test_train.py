@@ -244,6 +244,39 @@ def test_a_cached_sample_scores_as_the_uncached_one_in_every_order(world, target
             mrrm.collate([got[0], want[1]], "joint")
 
 
+def test_kept_and_held_vision_outputs_of_mixed_media_score_as_pixel_rows(world, tmp_path):
+    # several media per prompt, of different sizes, a video, and a text-only prompt: the tower's outputs
+    # are split per sample by merged-token count and joined back in order of appearance, kept (host
+    # memory) and held (over the budget) ones in one batch, short packs sharing a row
+    from PIL import Image
+    (tmp_path / "clip").mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 20, 0)).save(tmp_path / "clip" / f"{i:03d}.png")
+    Image.new("RGB", (96, 48), (0, 200, 0)).save(tmp_path / "wide.png")
+    Image.new("RGB", (40, 80), (0, 0, 200)).save(tmp_path / "tall.png")
+    rec = {"prompt": "which?", "responses": ["a red one", "b", "the green c"], "rankings": [2, 1, 3]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "image": ["wide.png", "tall.png"]},
+                                              {**rec, "image": "tall.png", "video": "clip", "fps": 2},
+                                              {**rec, "video": "clip", "fps": 2}, rec, {**rec, "image": "wide.png"}])
+    samples = mrrm.load_samples(path)
+    rm = mrrm.RewardModel.load(str(world / "m"))
+    lora.inject_lora(rm.backbone, r=4)
+    sizing = mrrm.PromptCache(rm, 2**24)
+    sizing.fill(samples[:2])
+    cache = mrrm.PromptCache(rm, sizing.used)  # room for the first two: the other three are held
+    cache.fill(samples)
+    assert list(cache.store) == [s.where for s in samples[:2]] and len(cache.recent) == 3
+    for mode in ("joint", "independent"):
+        got = [mrrm.encode_sample(rm, s, [2, 0, 1], mode, cache)[0] for s in samples]
+        want = [rm.encode(s.prompt, [s.responses[i] for i in (2, 0, 1)], mrrm.open_images(s), s.videos, mode)
+                for s in samples]
+        assert [g.vision is None for g in got] == [False, False, False, True, False]  # text-only: no media
+        with torch.no_grad():
+            a = rm(mrrm.collate(got, mode, row_tokens=512))
+            b = rm(mrrm.collate(want, mode, row_tokens=512))
+        assert torch.allclose(a, b, atol=1e-5), (mode, (a - b).abs().max())
+
+
 # --- training, resume, checkpoints --------------------------------------------
 
 
