@@ -4,7 +4,7 @@
 # timeouts add up to about 27 minutes. A session with 15 minutes of device time, 10 per call and a
 # machine that takes 1 - 2 minutes to start gets one full call: the goal rows and the LoRA step under
 # CUDA graphs first, then what time is left for the rest (copy $OUT's *.json and the log out after each):
-#   ONLY="train_4b_r16_compile fwd_4b_n4_compile train_4b_r16_cudagraphs" bash .ci/gpu_bench.sh $OUT   # est. 4 - 6 min
+#   ONLY="train_4b_r16_compile fwd_4b_n4_compile train_4b_r16_cudagraphs demo_train_cuda" bash .ci/gpu_bench.sh $OUT   # est. 5 - 7 min
 #   ONLY="fwd_4b_n4_cudagraphs train_4b_r16_indep_compile" bash .ci/gpu_bench.sh $OUT                   # <= 6 min (caps)
 #   ONLY="train_4b_r16 fwd_4b_n4 grpo_2b_4b gen_2b_g8" bash .ci/gpu_bench.sh $OUT                       # <= 7 min
 # (the two goal rows took 100 - 190 s on an H100 on 2026-11-28, compilation included: a machine's start costs
@@ -36,7 +36,7 @@ run() {  # name, seconds, bench arguments...
 }
 
 # DRY=1: the same runs at toy sizes on the CPU (about 3 minutes), to check the script before a GPU session
-if [ -n "${DRY:-}" ]; then B4=tiny B2=tiny IT=64 R256=32 R128=32 NEW=16; else B4=4b B2=2b IT=1024 R256=256 R128=128 NEW=256; fi
+if [ -n "${DRY:-}" ]; then B4=tiny B2=tiny IT=64 R256=32 R128=32 NEW=16 DEV=cpu; else B4=4b B2=2b IT=1024 R256=256 R128=128 NEW=256 DEV=cuda; fi
 IMG="--image-tokens $IT --prompt-len 50"
 # the two goal figures first, each ours with torch.compile against transformers (+ peft) in the same run:
 # the LoRA train step, 4B: 1,024 + 50 + 4 x (256 + separator) = 2,102 tokens, activation checkpointing
@@ -59,6 +59,15 @@ if only grpo_2b_4b; then
   echo; echo "=== grpo_2b_4b ==="
   timeout 100 python3 grpo.py --bench $B2:$B4 -G 8 --max-new-tokens $NEW --bench-image-tokens $IT --grad-ckpt 2>"$OUT/grpo.err" \
     || { echo "FAILED grpo_2b_4b"; tail -n 5 "$OUT/grpo.err"; }
+fi
+# the shape-world demo's training loop on the GPU for 60 steps: the sample cache's CUDA path (bf16 vision-tower
+# outputs, those over the budget held on the device) and `train` end to end, with the final held-out evaluation
+if only demo_train_cuda; then
+  echo; echo "=== demo_train_cuda ==="
+  # --cache-gb 0.005: full within the run (by the final evaluation of 1,000 held-out samples at the latest),
+  # so outputs held on the device for one batch run too
+  timeout 150 python3 mrrm.py train --steps 60 --cache-gb 0.005 --device "$DEV" --out "$OUT/demo_rm" >"$OUT/demo.log" \
+    2>"$OUT/demo.err" && tail -n 4 "$OUT/demo.log" || { echo "FAILED demo_train_cuda"; tail -n 5 "$OUT/demo.err"; }
 fi
 # independent mode through FlexAttention block masks (compiled: the first call pays for it), same N = 4 input
 run fwd_4b_n4_flex 90 --config $B4 $IMG --n 4 --resp-len $R128 --warmup 2 --repeats 5 --flex --no-transformers
