@@ -312,15 +312,15 @@ class RewardModel(nn.Module):
                encoded_responses=None, vision=None):
         """Text, media and responses -> Pack (the prompt's media go through the processor once).
         encoded_prompt / encoded_responses / vision: encode_prompt's output, the responses' token ids and
-        the media's vision-tower outputs (then no pixel rows are packed), when the caller has them
-        already (PromptCache)."""
+        the media's vision-tower outputs (PromptCache's encoded prompt then has no pixel rows), when the
+        caller has them already (PromptCache)."""
         if len(responses) > self.max_responses:
             raise ValueError(f"{where}{len(responses)} responses, more than max_responses={self.max_responses}")
         if not responses:
             raise ValueError(f"{where}no responses to score")
         ids, pos, rows, grid = encoded_prompt or self.encode_prompt(prompt, images, videos)
         resp = encoded_responses or [self.processor.tokenizer.encode(r) for r in responses]
-        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, None if vision else rows, grid, where, vision)
+        return pack(ids, pos, resp, self.sep_id, mode, self.max_len, rows, grid, where, vision)
 
     def forward(self, batch):
         """PackedBatch -> scores (S, Nmax), a line per pack; entries where score_valid is False are meaningless."""
@@ -873,8 +873,9 @@ class PromptCache:
 
     def __call__(self, s):
         """-> ((ids, positions, pixel rows or None, grid), [token ids of each response], vision outputs or None)."""
-        if s.where in self.store or s.where in self.recent:
-            return self.store.get(s.where) or self.recent[s.where]
+        hit = self.store.get(s.where) or self.recent.get(s.where)
+        if hit:
+            return hit
         enc, resp = self._encode(s)
         return self._keep(s.where, enc, resp, self._tower([enc])[0] if self._uses_tower(enc, len(resp)) else None)
 

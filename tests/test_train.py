@@ -211,7 +211,8 @@ def test_a_cached_sample_scores_as_the_uncached_one_in_every_order(world, target
     # PromptCache keeps the prompt, each response's token ids and, when LoRA leaves the vision tower
     # frozen ("lm"), the tower's outputs in place of the pixel rows. A reshuffled use must pack the
     # tokens that encoding its text afresh packs, and score what the pixel path scores (the tower run
-    # per sample, not per batch: the same up to rounding), short packs sharing rows included.
+    # over other samples beside it: the same up to rounding), short packs sharing rows included; so
+    # must the outputs a cache with no room holds for one batch.
     samples = mrrm.load_samples(str(world / "d" / "train.jsonl"))[:5]
     rm = mrrm.RewardModel.load(str(world / "m"))
     lora.inject_lora(rm.backbone, r=4, targets=mrrm._targets(targets))
@@ -221,9 +222,10 @@ def test_a_cached_sample_scores_as_the_uncached_one_in_every_order(world, target
     tight.fill(samples)
     assert len(cached.store) == 3 and not tight.store and len(tight.recent) == 5
     for order in orders:
-        got, want = [], []
+        got, want, held = [], [], []
         for s in samples:
-            assert mrrm.encode_sample(rm, s, order, "independent", tight)[0].vision is not None or targets != "lm"
+            held.append(mrrm.encode_sample(rm, s, order, "independent", tight)[0])
+            assert (held[-1].vision is not None) == (targets == "lm"), targets
             cached(s)  # from the second use on, the stored encoding
             g, ranks = mrrm.encode_sample(rm, s, order, "independent", cached)
             w = rm.encode(s.prompt, [s.responses[i] for i in order], mrrm.open_images(s), mode="independent")
@@ -233,9 +235,9 @@ def test_a_cached_sample_scores_as_the_uncached_one_in_every_order(world, target
             assert (g.vision is not None, g.pixel_values is None) == ((targets == "lm",) * 2), targets
             got.append(g), want.append(w)
         with torch.no_grad():
-            a = rm(mrrm.collate(got, "independent", row_tokens=256))
-            b = rm(mrrm.collate(want, "independent", row_tokens=256))
+            a, b, h = (rm(mrrm.collate(p, "independent", row_tokens=256)) for p in (got, want, held))
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(h, b, atol=1e-5), (h - b).abs().max()
     assert len(cached.store) == 5
     tight.fill([])
     assert not tight.recent  # a fill lets the last batch's go
