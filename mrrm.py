@@ -1564,6 +1564,11 @@ BENCH_SIZES = {  # text and vision sizes of Qwen/Qwen3-VL-{2B,4B,8B}-Instruct co
     "4b": (dict(), dict(), True),
     "8b": (dict(hidden_size=4096, intermediate_size=12288),
            dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24)), False),
+    # the 4B's depths (36 decoder layers, 24 vision blocks, 3 DeepStack levels) at toy widths: on the CPU a
+    # step's time is then almost all host work (Python, dispatch, autograd), which a GPU run must keep
+    # ahead of its kernels. Not in it: the CUDA side of each launch (cuBLAS, Triton's launcher)
+    "4b-thin": (dict(hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                     mrope_section=(2, 3, 3)), dict(hidden_size=16, intermediate_size=16, num_heads=1), True),
 }
 BENCH_SEP = "<|im_end|>"  # the separator RewardModel uses by default
 
@@ -2152,7 +2157,8 @@ def add_bench_args(subparsers):
     g = b.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="backbone folder (unless --config is given)")
     g.add_argument("--config", choices=["tiny"] + sorted(BENCH_SIZES), default=None,
-                   help="random weights of this size instead of --model (2b/4b/8b: real Qwen3-VL sizes)")
+                   help="random weights of this size instead of --model (2b/4b/8b: real Qwen3-VL sizes; "
+                   "4b-thin: the 4B's depths at toy widths, to measure a step's host work on the CPU)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default; 1 is steadier on a busy machine)")

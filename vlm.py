@@ -525,7 +525,18 @@ class DecoderLayer(CompiledSteps):
         compile_layers compiles this method whole, checkpoint included, so the recompute happens inside
         the compiled backward and only what backward needs is recomputed (not down_proj, whose output
         only joins the residual stream); a compiled forward inside an eager checkpoint reruns all of it."""
-        return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, at=at, use_reentrant=False)
+        if torch.compiler.is_compiling():  # the form dynamo traces into the graph
+            return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, at=at, use_reentrant=False)
+        # Eager, the reentrant form: one autograd node per layer, whose backward reruns the layer and
+        # backpropagates through it in one go. The other form hooks every tensor the layer saves (~50
+        # here, each packed and unpacked by Python), host work a GPU waits on: `bench --config 4b-thin
+        # --train` (the 4B's depths, toy widths) on the CPU ran the step in 179 ms, now 125 (92 without
+        # checkpointing). Both forms replay the RNG (dropout) and autocast state. The reentrant one needs
+        # .backward() (not torch.autograd.grad), and an input that requires grad: layer 0's, from the
+        # frozen embedding, does not, and without one the layer's LoRA would get no gradient.
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
+        return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, mask, None, 0, at, use_reentrant=True)
 
     compiled_steps = ("checkpointed",)
 
@@ -629,7 +640,7 @@ class Qwen3VL(nn.Module):
         last = len(lm.layers) - 1 if at is not None and len(feats) < len(lm.layers) else None
         for i, layer in enumerate(lm.layers):
             a, m = (at, dense) if i == last else (None, mask)
-            if self.grad_checkpointing and self.training and cache is None:
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = layer.checkpointed(x, cos, sin, m, a)
             else:
                 x = layer(x, cos, sin, m, cache, i, a)

@@ -179,6 +179,20 @@ def test_bench_train_step_reports_throughput_and_trainable_parameters(tiny, caps
     assert "train r=4 independent ckpt" in capsys.readouterr().out
 
 
+def test_the_thin_config_has_the_4b_depths_and_runs_a_train_step():
+    # 4b-thin stands for the 4B's host work per step: its layers, blocks and DeepStack levels, toy widths
+    text, vision, tie = mrrm.BENCH_SIZES["4b"]
+    four_b = vlm.Config(text=vlm.TextConfig(**text), vision=vlm.VisionConfig(**vision), tie_word_embeddings=tie)
+    model, _, _ = bench_model(argparse.Namespace(config="4b-thin", model=""), torch.device("cpu"), torch.float32)
+    thin = model.cfg
+    assert (thin.text.num_hidden_layers, thin.vision.depth, thin.vision.deepstack_visual_indexes) == \
+        (four_b.text.num_hidden_layers, four_b.vision.depth, four_b.vision.deepstack_visual_indexes)
+    assert thin.text.hidden_size * 64 <= four_b.text.hidden_size
+    out = run_bench(["--config", "4b-thin", "--train", "--lora-r", "4", "--no-transformers", "--image-tokens", "4",
+                     "--prompt-len", "8", "--n", "2", "--resp-len", "4", "--threads", "1", "--warmup", "0", "--repeats", "1"])
+    assert "error" not in out["train"][0], out["train"][0].get("error")
+
+
 def test_bench_profile_prints_the_operators_of_each_timed_row(tiny, capsys):
     run_bench(["--model", tiny, "--train", "--lora-r", "4", "--no-transformers", "--profile", "3"] + SIZES)
     text = capsys.readouterr().out

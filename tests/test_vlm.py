@@ -183,6 +183,49 @@ def test_compiled_checkpointed_layers_recompute_only_what_backward_needs(monkeyp
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want_at, got_at))
 
 
+@pytest.mark.parametrize("targets", ["lm", "lm+vision"])
+def test_checkpointed_training_has_the_gradients_of_plain_training(targets):
+    # Eager checkpointing (reentrant: one autograd node per layer) must give every LoRA weight the gradient
+    # plain backprop gives it: layer 0 too, whose input (the frozen embedding's output, and with "lm" the
+    # frozen tower's) requires no grad, and with dropout, whose masks the recompute must draw again.
+    import lora
+    torch.manual_seed(0)
+    cfg = vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)})
+    model = vlm.Qwen3VL(cfg)
+    vlm.init_weights(model)
+    lora.inject_lora(model, r=4, dropout=0.1,
+                     targets=lora.DEFAULT_TARGETS + (lora.VISION_TARGETS if targets == "lm+vision" else ()))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    model.train()
+    grid = torch.tensor([[1, 4, 4]])  # 16 patches -> 4 merged tokens
+    ids = torch.tensor([[5, 6, cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+                        + list(range(20, 36))])
+    rows, w = torch.randn(16, 384), torch.randn(1, 24, 64)
+    at = (torch.tensor([0]), torch.tensor([[9, 23]]))
+
+    def run(ckpt, at=None):  # -> (tensors autograd saved in forward, LoRA gradients)
+        model.grad_checkpointing, saved = ckpt, []
+        torch.manual_seed(1)  # the same dropout masks for both runs
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+            h = model(ids, rows, grid, return_hidden=True, at=at)
+        (h * (w if at is None else w[:, :2])).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return len(saved), grads
+    for where in (None, at):
+        (n_plain, want), (n_ckpt, got) = run(False, where), run(True, where)
+        # a decoder layer saves ~50 tensors for backward, checkpointed only its inputs
+        assert n_plain - n_ckpt > 40 * cfg.text.num_hidden_layers, (n_plain, n_ckpt)
+        assert want.keys() == got.keys() and all(g is not None for g in got.values())
+        for n in want:
+            assert torch.allclose(want[n], got[n], atol=1e-6), n
+        assert any("layers.0." in n and got[n].abs().max() > 0 for n in got)
+        assert any("visual" in n for n in got) == (targets == "lm+vision")
+
+
 def test_a_copy_of_a_compiled_model_runs_its_own_weights_and_pickles(monkeypatch):
     # compile_layers binds compiled steps to each vision block and decoder layer; a deepcopy must not keep
     # running the original's weights, and the model must still pickle (both worked before the vision compile)
