@@ -119,15 +119,19 @@ def test_images_of_repeated_and_distinct_sizes_match_transformers(pair):
     assert diff <= 1e-4, f"three-image max-abs-diff {diff:.2e}"
 
 
+def tiny_random_model():
+    torch.manual_seed(0)
+    model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
+    vlm.init_weights(model)
+    return model
+
+
 def tiny_random_model_compiling_aot_eager(monkeypatch):
     """A random tiny Qwen3VL, with torch.compile patched to aot_eager: dynamo's tracing and AOT autograd
     as torch.compile does them, without inductor's C++ codegen (CI may lack a compiler)."""
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend="aot_eager", **kw))
-    torch.manual_seed(0)
-    model = vlm.Qwen3VL(vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)}))
-    vlm.init_weights(model)
-    return model
+    return tiny_random_model()
 
 
 def test_compiled_vision_tower_equals_eager_and_does_not_recompile_for_new_image_layouts(monkeypatch):
@@ -189,10 +193,8 @@ def test_checkpointed_training_has_the_gradients_of_plain_training(targets):
     # plain backprop gives it: layer 0 too, whose input (the frozen embedding's output, and with "lm" the
     # frozen tower's) requires no grad, and with dropout, whose masks the recompute must draw again.
     import lora
-    torch.manual_seed(0)
-    cfg = vlm.tiny_config(300, {n: i for i, n in enumerate(vlm.QWEN_SPECIAL_TOKENS)})
-    model = vlm.Qwen3VL(cfg)
-    vlm.init_weights(model)
+    model = tiny_random_model()
+    cfg = model.cfg
     lora.inject_lora(model, r=4, dropout=0.1,
                      targets=lora.DEFAULT_TARGETS + (lora.VISION_TARGETS if targets == "lm+vision" else ()))
     with torch.no_grad():
