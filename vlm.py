@@ -177,10 +177,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in fp32 whatever the activation dtype; the weight multiplies after the cast back
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # statistics in fp32 whatever the activation dtype; the weight multiplies after the cast back.
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps), one kernel on CUDA where the plain ops take five
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def attention_mask(q_index, k_index, k_valid=None, q_segment=None, k_segment=None):
