@@ -181,13 +181,13 @@ def test_bench_train_step_reports_throughput_and_trainable_parameters(tiny, caps
 
 def test_the_thin_config_has_the_4b_depths_and_runs_a_train_step():
     # 4b-thin stands for the 4B's host work per step: its layers, blocks and DeepStack levels, toy widths
-    text, vision, tie = mrrm.BENCH_SIZES["4b"]
-    four_b = vlm.Config(text=vlm.TextConfig(**text), vision=vlm.VisionConfig(**vision), tie_word_embeddings=tie)
+    text, vision, _ = mrrm.BENCH_SIZES["4b"]
+    text, vision = vlm.TextConfig(**text), vlm.VisionConfig(**vision)
     model, _, _ = bench_model(argparse.Namespace(config="4b-thin", model=""), torch.device("cpu"), torch.float32)
     thin = model.cfg
     assert (thin.text.num_hidden_layers, thin.vision.depth, thin.vision.deepstack_visual_indexes) == \
-        (four_b.text.num_hidden_layers, four_b.vision.depth, four_b.vision.deepstack_visual_indexes)
-    assert thin.text.hidden_size * 64 <= four_b.text.hidden_size
+        (text.num_hidden_layers, vision.depth, vision.deepstack_visual_indexes)
+    assert thin.text.hidden_size * 64 <= text.hidden_size
     out = run_bench(["--config", "4b-thin", "--train", "--lora-r", "4", "--no-transformers", "--image-tokens", "4",
                      "--prompt-len", "8", "--n", "2", "--resp-len", "4", "--threads", "1", "--warmup", "0", "--repeats", "1"])
     assert "error" not in out["train"][0], out["train"][0].get("error")
