@@ -479,7 +479,8 @@ class Attention(nn.Module):
             # Masks are causal (attention_mask): no query sees a key past its own position. SDPA leaves
             # those keys out for is_causal but scores them all under an explicit mask; run on its own, the
             # first half of the queries leaves out the keys past it: 3/4 of the scores, the same result
-            # up to rounding. On the CPU the shape-world demo's step ran 5% faster; not tried on CUDA.
+            # up to rounding. On the CPU the shape-world demo's step ran 5% faster (an Intel machine;
+            # a micro-benchmark on the AMD one since finds it within noise); not tried on CUDA.
             h, e = T // 2, k.shape[2] - T + T // 2  # e: the keys up to the first half's last query
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, :h], k[:, :, :e], v[:, :, :e],
                                                           attn_mask=mask[:, None, :h, :e]),
