@@ -21,7 +21,7 @@ This file holds the packing, the value head, the listwise losses and the RewardM
              responses=["It is red.", "Blue.", "red, I think"], mode="joint")   # -> [2.1, -1.3, 0.4]
 
 Short packs may share a row (collate's row_tokens): a block-diagonal mask keeps them apart, so the
-scores are the ones each gets alone, with less padding.
+scores are the ones each gets alone, with less padding; place() picks the layout of least work.
 
 What it leaves out: reasoning ("thinking") before the scores, generative judges, and ensembles of
 reward models.
