@@ -149,10 +149,11 @@ def place(lengths, row_tokens, pair_cost=0.0):
     row_tokens = 0: one pack per row. Otherwise packs share rows of at most row_tokens tokens (a longer
     pack gets a row to itself), and of the candidate layouts the cheapest to run is kept: R rows padded
     to T tokens cost R T tokens through the linear layers and R T^2 (query, key) pairs in attention,
-    weighted by pair_cost (attention_pair_cost() below). The candidates: first fit in the order given (each pack
-    joins the first row with room), and longest-first to the least-filled row (LPT scheduling) for each
-    row count from the fewest that could hold the packs to three more. On the shape-world demo's batches
-    first fit pads 13% of the cells; the cheapest layout cuts the modelled cost 12%, the step 7%."""
+    weighted by pair_cost (attention_pair_cost() below). The candidates: first fit in the order given
+    (each pack joins the first row with room), and longest-first to the least-filled row (LPT
+    scheduling) for each row count from the fewest that could hold the packs to three more. On the
+    shape-world demo's batches first fit pads 13% of the cells, the cheapest layout 6%: forward,
+    backward and AdamW take 0.90x the time (the whole demo 4 - 7% less), for 70 us of Python a step."""
     def first_fit():
         rows, room = [], []
         for i, n in enumerate(lengths):
