@@ -100,7 +100,7 @@ def test_padded_batch_of_different_n_and_lengths_equals_single_samples(rm):
 
 
 def test_samples_sharing_a_row_score_as_they_do_alone(rm):
-    # several packs in one row (first fit, block-diagonal mask): the media of every pack, a video
+    # several packs in one row (place(), block-diagonal mask): the media of every pack, a video
     # included, must reach its own pad tokens, and no pack may see another
     rng = random.Random(5)
     media = ["one-image", "none", "video", "two-images", "one-image", "none", "video"]
