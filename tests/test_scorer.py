@@ -338,19 +338,7 @@ def test_packs_that_exactly_fill_a_shared_row_score_as_if_alone(rm):
 
 def test_a_pack_that_exactly_fills_the_room_left_joins_the_row():
     assert mrrm.place([2, 2, 3], 4) == [[0, 1], [2]]
-
-
-def first_fit(lengths, row_tokens):  # the oracle: each pack joins the first row with room, in order
-    rows, room = [], []
-    for i, n in enumerate(lengths):
-        k = next((k for k, r in enumerate(room) if n <= r), None)
-        if k is None:
-            rows.append([]), room.append(row_tokens - n)
-            k = len(rows) - 1
-        else:
-            room[k] -= n
-        rows[k].append(i)
-    return rows
+    assert mrrm.first_fit([2, 2, 3], 4) == [[0, 1], [2]]
 
 
 def test_place_keeps_every_pack_within_the_budget_and_never_costs_more_than_first_fit():
@@ -363,12 +351,8 @@ def test_place_keeps_every_pack_within_the_budget_and_never_costs_more_than_firs
         assert sorted(i for r in rows for i in r) == list(range(len(lengths))), "each pack exactly once"
         for r in rows:  # a pack longer than a row is alone; shared rows stay within the budget
             assert len(r) == 1 or sum(lengths[i] for i in r) <= budget
-        assert cost(lengths, rows, pair_cost) <= cost(lengths, first_fit(lengths, budget), pair_cost) + 1e-9
-
-
-def cost(lengths, rows, pair_cost):
-    T = max(sum(lengths[i] for i in r) for r in rows)
-    return len(rows) * T * (1 + pair_cost * T)
+        first = mrrm.first_fit(lengths, budget)
+        assert mrrm.layout_cost(lengths, rows, pair_cost) <= mrrm.layout_cost(lengths, first, pair_cost) + 1e-9
 
 
 def test_place_pads_far_less_than_first_fit_on_shapeworld_like_batches():
@@ -378,8 +362,8 @@ def test_place_pads_far_less_than_first_fit_on_shapeworld_like_batches():
     padding = {"first fit": 0, "place": 0}
     for trial in range(200):
         lengths = [rng.randint(38, 199) if rng.random() < 0.3 else rng.randint(38, 90) for _ in range(16)]
-        for name, rows in (("first fit", first_fit(lengths, 256)), ("place", mrrm.place(lengths, 256))):
-            padding[name] += cost(lengths, rows, 0.0) - sum(lengths)
+        for name, rows in (("first fit", mrrm.first_fit(lengths, 256)), ("place", mrrm.place(lengths, 256))):
+            padding[name] += mrrm.layout_cost(lengths, rows, 0.0) - sum(lengths)
     assert padding["place"] < 0.6 * padding["first fit"], padding
 
 
